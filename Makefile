@@ -1,0 +1,74 @@
+# The front door. Every target sets up .venv first (seconds when nothing changed).
+#   make demo | make test | make bench
+#   make sources | make curate DATASET=sample-laion | make validate DATASET=x [STAGE=shards]
+# CONFIG=other.yaml picks another config; SET="key.path=value other.key=value" overrides values.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU build by default; on a GPU machine: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+CONFIG ?= pipelines.yaml
+DATASET ?=
+STAGE ?= shards
+SET ?=
+
+export CONFIG
+export NO_ALBUMENTATIONS_UPDATE := 1
+export TOKENIZERS_PARALLELISM := false
+ARGS := $(foreach s,$(SET),--set $(s))
+comma := ,
+DATASETS := $(subst $(comma), ,$(DATASET))
+
+.PHONY: setup demo test bench sources curate validate status config lock clean require-dataset
+
+setup: $(STAMP)
+
+# torch goes in first and alone: resolved as a dependency it would be a CUDA build of
+# several GB even on machines without a GPU.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $@
+
+demo: setup
+	$(PY) -m curation sources $(ARGS)
+	$(PY) -m curation curate sample-synthetic $(ARGS)
+	$(PY) -m shardkit validate sample-synthetic $(ARGS)
+	$(PY) -m shardkit status $(ARGS)
+	@echo "demo outputs are under $$($(PY) -c 'from shardkit.config import load_config; print(load_config().storage.root)')"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m shardkit.bench $(ARGS)
+
+sources: setup
+	$(PY) -m curation sources $(DATASETS) $(ARGS)
+
+curate: setup require-dataset
+	$(PY) -m curation curate $(DATASETS) $(ARGS)
+
+validate: setup require-dataset
+	$(PY) -m shardkit validate $(DATASET) $(STAGE) $(ARGS)
+
+status: setup
+	$(PY) -m shardkit status $(ARGS)
+
+config: setup
+	$(PY) -m shardkit config $(ARGS)
+
+# Refresh the pins after a deliberate upgrade: everything installed except torch and us.
+lock: setup
+	$(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|pixart-data)[=@ ]' > constraints.txt
+
+clean:
+	rm -rf data
+
+require-dataset:
+	@test -n "$(DATASET)" || { echo "error: set DATASET=<name> (see pipelines.yaml)"; exit 2; }

@@ -1,0 +1,1 @@
+"""One module per source kind; each provides a runner stage that writes `shards/`."""

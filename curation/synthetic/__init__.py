@@ -1,0 +1,1 @@
+"""Embedded synthetic sources: procedural scenes and LAION / SA-1B shaped samples."""

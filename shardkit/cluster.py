@@ -1,0 +1,56 @@
+"""Ray start-up: an embedded local instance by default, or an existing cluster."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+from shardkit.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+# Workers inherit these: albumentations (pulled in by img2dataset) checks the network for
+# updates at import, which hangs or warns on machines without internet.
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
+PROJECT_PACKAGES = ("shardkit", "curation", "captioning", "analysis", "training")
+
+
+def _project_modules() -> list:
+    modules = []
+    for name in PROJECT_PACKAGES:
+        if importlib.util.find_spec(name) is not None:
+            modules.append(importlib.import_module(name))
+    return modules
+
+
+def connect(cfg: ClusterConfig) -> None:
+    """Make sure this process is connected to Ray; reuse a connection that already exists
+    (the tests' session-wide instance, or a caller that connected first)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.update(WORKER_ENV)
+    runtime_env: dict = {"env_vars": dict(WORKER_ENV)}
+    address = cfg.resolved_address()
+    if address is None:
+        log.info("starting an embedded local Ray (%s CPUs)", cfg.num_cpus or os.cpu_count())
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+        )
+        return
+    if cfg.ship_code:
+        runtime_env["py_modules"] = _project_modules()
+    log.info("joining the Ray cluster at %s", address)
+    ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+
+
+def total_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))

@@ -1,0 +1,316 @@
+"""pipelines.yaml, loaded once into typed, validated objects.
+
+Every section forbids unknown keys: a typo in a config must stop the job before it starts,
+not run it with a default the user did not mean. Errors name the file, the dotted key and
+the problem on one line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PAPER_PROMPT = "Describe this image and its style in a very detailed manner"
+ALT_TEXT_PROMPT = 'Given the caption of this image "{}", describe this image in a very detailed manner'
+LAION_METADATA_COLUMNS = (
+    "WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash", "LICENSE",
+)
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as `file: key: problem`."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- cluster and storage -------------------------------------------------------------------
+
+class ClusterConfig(Strict):
+    address: str | None = None
+    """None starts an embedded local Ray; `auto` or `ray://host:10001` joins a cluster.
+    The RAY_ADDRESS environment variable overrides this."""
+    num_cpus: float | None = None
+    """CPUs of the embedded instance (default: all of this machine's)."""
+    object_store_memory_mb: int | None = None
+    ship_code: bool = False
+    """Send this project's packages to the cluster's workers (runtime_env py_modules) instead
+    of expecting them installed on every node."""
+
+    def resolved_address(self) -> str | None:
+        return os.environ.get("RAY_ADDRESS") or self.address
+
+
+class StorageConfig(Strict):
+    root: str = "./data"
+    """A local folder or any URI fsspec/pyarrow understand (s3://bucket/prefix, gs://...)."""
+
+
+# ---- datasets ------------------------------------------------------------------------------
+
+class ResizeConfig(Strict):
+    mode: Literal["keep_ratio", "center_crop", "none"] = "keep_ratio"
+    size: int = Field(256, gt=0)
+    """Keep_ratio: the longer side becomes at most `size`; center_crop: size x size."""
+    quality: int = Field(95, ge=1, le=100)
+    """JPEG quality used when an image has to be re-encoded."""
+
+
+class FilterConfig(Strict):
+    min_side: int = Field(0, ge=0)
+    max_aspect_ratio: float | None = Field(4.0, gt=0)
+    max_pwatermark: float | None = None
+    max_punsafe: float | None = None
+    min_aesthetic: float | None = None
+    min_caption_words: int = Field(0, ge=0)
+    max_caption_words: int | None = Field(None, ge=0)
+    dedup_exact: bool = True
+    near_duplicate_distance: int | None = Field(None, ge=0, le=64)
+    """Hamming distance between 64-bit perceptual hashes; None disables near-dup removal."""
+
+
+class GenerateConfig(Strict):
+    """Build this source with the synthetic scene generator and serve it from a loopback HTTP
+    server for the duration of the job: the embedded default that needs no network."""
+    count: int = Field(200, gt=0)
+    seed: int = 0
+
+
+class SourceBase(Strict):
+    samples_per_shard: int = Field(1000, gt=0)
+    resize: ResizeConfig = ResizeConfig()
+    filters: FilterConfig = FilterConfig()
+
+
+class LaionSource(SourceBase):
+    source: Literal["laion"]
+    parquet: list[str]
+    url_column: str = "URL"
+    caption_column: str = "TEXT"
+    metadata_columns: list[str] = list(LAION_METADATA_COLUMNS)
+    allow_private_urls: bool = False
+    """Only public http(s) addresses are fetched unless this is set (loopback test data)."""
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0)
+    generate: GenerateConfig | None = None
+
+    @field_validator("parquet", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class SamSource(SourceBase):
+    source: Literal["sam"]
+    links: str | None = None
+    """SA-1B links file: tab-separated file_name, cdn_link (with a header line)."""
+    tars: str | None = None
+    """Or a folder (URI) of SA-1B tars already downloaded."""
+    download_dir: str | None = None
+    """Where downloaded tars are kept (default: <storage>/<dataset>/downloads)."""
+    allow_private_urls: bool = False
+    timeout_s: float = Field(60.0, gt=0)
+    generate: GenerateConfig | None = None
+
+    @model_validator(mode="after")
+    def _links_or_tars(self) -> "SamSource":
+        if (self.links is None) == (self.tars is None):
+            raise ValueError("give exactly one of 'links' or 'tars'")
+        return self
+
+
+class FolderSource(SourceBase):
+    source: Literal["folder"]
+    path: str
+    recursive: bool = True
+    extensions: list[str] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+
+
+class SyntheticSource(SourceBase):
+    source: Literal["synthetic"]
+    count: int = Field(200, gt=0)
+    seed: int = 0
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(3, ge=1)
+    caption: Literal["alt_text", "description", "none"] = "alt_text"
+    """What `<key>.txt` holds: LAION-like alt text, the exact scene description, or nothing."""
+
+    @model_validator(mode="after")
+    def _object_bounds(self) -> "SyntheticSource":
+        if self.max_objects < self.min_objects:
+            raise ValueError("max_objects must be >= min_objects")
+        return self
+
+
+SOURCE_KINDS = ("laion", "sam", "folder", "synthetic")
+DatasetConfig = Annotated[
+    Union[LaionSource, SamSource, FolderSource, SyntheticSource], Field(discriminator="source")
+]
+
+
+# ---- captioners ----------------------------------------------------------------------------
+
+class GenerationConfig(Strict):
+    max_new_tokens: int = Field(256, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(0.2, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_beams: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class CaptionerConfig(Strict):
+    model: str
+    """A hub id (llava-hf/llava-1.5-7b-hf) or a local folder / URI saved with save_pretrained."""
+    revision: str | None = None
+    prompt: str = PAPER_PROMPT
+    """`{}` in the prompt is filled with the sample's own alt text (see ALT_TEXT_PROMPT)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    batch_size: int = Field(8, gt=0)
+    actors: int = Field(1, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.5, gt=0)
+    """Fractional by default: whole-CPU actors starve Ray Data's read/write tasks on small nodes."""
+    trust_remote_code: bool = False
+    generation: GenerationConfig = GenerationConfig()
+
+
+# ---- the whole file ------------------------------------------------------------------------
+
+class PipelinesConfig(Strict):
+    cluster: ClusterConfig = ClusterConfig()
+    storage: StorageConfig = StorageConfig()
+    datasets: dict[str, DatasetConfig] = {}
+    captioners: dict[str, CaptionerConfig] = {}
+
+    @field_validator("datasets", "captioners")
+    @classmethod
+    def _names_are_path_safe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            # names become folder names and field suffixes (`<key>.<captioner>.txt`)
+            if not name or name[0] in "._" or any(c in name for c in "/\\ \t"):
+                raise ValueError(f"name {name!r} must not be empty, start with '.' or '_', or contain '/', '\\' or spaces")
+        return value
+
+    def dataset(self, name: str) -> DatasetConfig:
+        if name not in self.datasets:
+            raise ConfigError(
+                f"datasets: no dataset {name!r}; defined: {', '.join(self.datasets) or 'none'}"
+            )
+        return self.datasets[name]
+
+    def captioner(self, name: str) -> CaptionerConfig:
+        if name not in self.captioners:
+            raise ConfigError(
+                f"captioners: no captioner {name!r}; defined: {', '.join(self.captioners) or 'none'}"
+            )
+        return self.captioners[name]
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply `dotted.key=value` (value parsed as YAML) to the raw config dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected key.path=value")
+    path, value_text = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {path}: {'.'.join(keys[:depth + 1])} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(value_text)
+
+
+def _substitute_storage(node: Any, root: str) -> Any:
+    if isinstance(node, str):
+        return node.replace("${storage}", root)
+    if isinstance(node, dict):
+        return {k: _substitute_storage(v, root) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute_storage(v, root) for v in node]
+    return node
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    parts = list(err["loc"])
+    # pydantic puts the union member's tag in the path (datasets.sam.laion.url): drop it
+    if len(parts) > 2 and parts[0] == "datasets" and parts[2] in SOURCE_KINDS:
+        del parts[2]
+    loc = ".".join(str(part) for part in parts)
+    kind = err["type"]
+    if kind == "union_tag_invalid":
+        expected = err["ctx"]["expected_tags"].replace("'", "")
+        return f"{loc}.source: unknown source {err['ctx']['tag']!r}; expected one of {expected}"
+    if kind == "union_tag_not_found":
+        return f"{loc}: missing 'source'; expected one of {', '.join(SOURCE_KINDS)}"
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind == "missing":
+        return f"{loc}: missing required key"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {message}" if loc else message
+
+
+def parse_config(raw: Any, source_name: str = "pipelines.yaml") -> PipelinesConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source_name}: the top level must be a mapping")
+    storage = raw.get("storage") or {}
+    root = storage.get("root", StorageConfig().root) if isinstance(storage, dict) else "./data"
+    try:
+        return PipelinesConfig.model_validate(_substitute_storage(raw, str(root).rstrip("/")))
+    except ValidationError as exc:
+        # pydantic reports every union member's errors for a discriminated union; the first
+        # error is the one that names the key, which is what a user needs to fix it
+        first = _describe_error(exc.errors()[0])
+        more = len(exc.errors()) - 1
+        raise ConfigError(f"{source_name}: {first}" + (f" (and {more} more)" if more else "")) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelinesConfig:
+    """Load pipelines.yaml (or CONFIG / the given path) with `key=value` overrides applied."""
+    path = Path(path or os.environ.get("CONFIG") or "pipelines.yaml")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: {where}{problem}") from None
+    raw = raw if raw is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides:
+        try:
+            apply_override(raw, assignment)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return parse_config(raw, source_name=str(path))

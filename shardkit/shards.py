@@ -1,0 +1,287 @@
+"""The shard format: the contract between stages (docs/shards.md is its prose form).
+
+A stage output is a folder `<storage>/<dataset>/<stage>/` of WebDataset tars with stable
+names (00000.tar, ...), one record per finished shard under `_records/`, a `_plan.json`
+written before any shard and a `_summary.json` written at the end. Shard i of a stage holds
+the samples of shard i of its input that succeeded, same keys, same order. A shard is
+complete only when its record exists: the record is written after the tar, atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from shardkit import storage
+
+IMAGE = "jpg"
+META = "json"
+CAPTION = "txt"
+BASE_FIELDS = (IMAGE, META, CAPTION)
+REQUIRED_META = ("source", "origin", "width", "height", "original_width", "original_height", "sha256")
+
+RECORDS = "_records"
+PLAN = "_plan.json"
+SUMMARY = "_summary.json"
+
+_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_FIELD = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_SHARD = re.compile(r"^(\d{5,})\.tar$")
+
+
+class ShardFormatError(ValueError):
+    pass
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}.tar"
+
+
+def make_key(shard: int, index: int) -> str:
+    """Keys are unique across a dataset and sort in shard order."""
+    return f"{shard:05d}{index:05d}"
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass
+class Sample:
+    key: str
+    fields: dict[str, bytes]
+
+    def __post_init__(self) -> None:
+        if not _KEY.match(self.key):
+            raise ShardFormatError(f"key {self.key!r}: only letters, digits, '_' and '-' are allowed")
+        for name in self.fields:
+            if not _FIELD.match(name):
+                raise ShardFormatError(f"{self.key}: bad field name {name!r}")
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return json.loads(self.fields[META]) if META in self.fields else {}
+
+    def with_meta(self, meta: dict[str, Any]) -> "Sample":
+        return Sample(self.key, {**self.fields, META: _json_bytes(meta)})
+
+    def text(self, field_name: str = CAPTION) -> str:
+        return self.fields[field_name].decode("utf-8") if field_name in self.fields else ""
+
+
+def encode_meta(meta: dict[str, Any]) -> bytes:
+    return _json_bytes(meta)
+
+
+class ShardWriter:
+    """Writes one shard tar atomically. Members are `<key>.<field>` with fixed mtime and
+    mode, so the same samples always give the same bytes."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.count = 0
+        self._keys: set[str] = set()
+        self._context = storage.atomic_open(uri)
+        self._file = self._context.__enter__()
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)
+
+    def write(self, sample: Sample) -> None:
+        if sample.key in self._keys:
+            raise ShardFormatError(f"{self.uri}: duplicate key {sample.key}")
+        self._keys.add(sample.key)
+        # base fields first, in a fixed order, so readers see the image and metadata first
+        order = [f for f in BASE_FIELDS if f in sample.fields] + sorted(
+            f for f in sample.fields if f not in BASE_FIELDS
+        )
+        for name in order:
+            data = sample.fields[name]
+            info = tarfile.TarInfo(f"{sample.key}.{name}")
+            info.size = len(data)
+            info.mode = 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        self._context.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException) -> None:
+        self._tar.close()
+        self._context.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc is None:
+            self.close()
+        else:
+            self.abort(exc)
+
+
+def write_shard(uri: str, samples: Iterable[Sample]) -> int:
+    with ShardWriter(uri) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return writer.count
+
+
+def read_shard(uri: str) -> Iterator[Sample]:
+    """Samples of a shard in order, read as a stream. Members that are not plain files or
+    whose names could escape a folder are refused: shards may come from elsewhere."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        key, fields = None, {}
+        for member in tar:
+            name = member.name
+            if not member.isfile() or "/" in name or "\\" in name or name.startswith("."):
+                raise ShardFormatError(f"{uri}: refused member {name!r} (not a plain top-level file)")
+            member_key, _, field_name = name.partition(".")
+            if not field_name:
+                raise ShardFormatError(f"{uri}: member {name!r} has no field suffix")
+            if member_key != key:
+                if key is not None:
+                    yield Sample(key, fields)
+                key, fields = member_key, {}
+            if field_name in fields:
+                raise ShardFormatError(f"{uri}: {name} appears twice")
+            fields[field_name] = tar.extractfile(member).read()
+        if key is not None:
+            yield Sample(key, fields)
+
+
+# ---- records, plans and summaries ----------------------------------------------------------
+
+@dataclass
+class Failure:
+    key: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class ShardRecord:
+    shard: int
+    samples_in: int
+    samples_out: int
+    seconds: float
+    failures: list[Failure] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    """Stage-specific counts (e.g. `filtered:min_side`, `tokens`) summed in the summary."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardRecord":
+        raw = json.loads(text)
+        raw["failures"] = [Failure(**f) for f in raw.get("failures", [])]
+        return cls(**raw)
+
+
+@dataclass
+class StagePlan:
+    dataset: str
+    stage: str
+    num_shards: int
+    input_stage: str | None = None
+    """The stage (relative to the dataset) whose shard i this stage's shard i is made from."""
+    fields: list[str] = field(default_factory=lambda: list(BASE_FIELDS))
+    """Fields every sample of this stage must have."""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StagePlan":
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """Where one stage of one dataset lives, and what of it is done."""
+
+    uri: str
+
+    @classmethod
+    def of(cls, storage_root: str, dataset: str, stage: str) -> "StageOutput":
+        return cls(storage.join(storage_root, dataset, stage))
+
+    def shard_uri(self, index: int) -> str:
+        return storage.join(self.uri, shard_name(index))
+
+    def record_uri(self, index: int) -> str:
+        return storage.join(self.uri, RECORDS, f"{index:05d}.json")
+
+    def shard_indices(self) -> list[int]:
+        """Indices of the tars present (complete or not)."""
+        return sorted(int(m.group(1)) for m in map(_SHARD.match, storage.list_names(self.uri)) if m)
+
+    def write_plan(self, plan: StagePlan) -> None:
+        storage.atomic_write(storage.join(self.uri, PLAN), plan.to_json())
+
+    def read_plan(self) -> StagePlan | None:
+        uri = storage.join(self.uri, PLAN)
+        return StagePlan.from_json(storage.read_text(uri)) if storage.exists(uri) else None
+
+    def write_record(self, record: ShardRecord) -> None:
+        storage.atomic_write(self.record_uri(record.shard), record.to_json())
+
+    def records(self) -> dict[int, ShardRecord]:
+        folder = storage.join(self.uri, RECORDS)
+        out = {}
+        for name in storage.list_names(folder):
+            if name.endswith(".json") and storage.TEMP_MARKER not in name:
+                record = ShardRecord.from_json(storage.read_text(storage.join(folder, name)))
+                out[record.shard] = record
+        return out
+
+    def complete_shards(self) -> set[int]:
+        return set(self.records())
+
+    def is_complete(self) -> bool:
+        plan = self.read_plan()
+        return plan is not None and self.complete_shards() >= set(range(plan.num_shards))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        storage.atomic_write(storage.join(self.uri, SUMMARY), json.dumps(summary, indent=1, sort_keys=True))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        uri = storage.join(self.uri, SUMMARY)
+        return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+    def samples(self) -> Iterator[Sample]:
+        """Every sample of the complete shards, in shard order."""
+        for index in sorted(self.complete_shards()):
+            yield from read_shard(self.shard_uri(index))
+
+
+def summarise(plan: StagePlan, records: dict[int, ShardRecord], wall_seconds: float) -> dict[str, Any]:
+    """The stage summary, over every record (this run's and earlier runs'), so a resumed
+    stage reports the whole output, not just the last part."""
+    failures = Counter(f.reason for r in records.values() for f in r.failures)
+    counters: Counter[str] = Counter()
+    for record in records.values():
+        counters.update(record.counters)
+    missing = sorted(set(range(plan.num_shards)) - set(records))
+    return {
+        "dataset": plan.dataset,
+        "stage": plan.stage,
+        "shards_total": plan.num_shards,
+        "shards_complete": len(records),
+        "shards_missing": missing,
+        "samples_in": sum(r.samples_in for r in records.values()),
+        "samples_out": sum(r.samples_out for r in records.values()),
+        "failures": sum(failures.values()),
+        "failures_by_reason": dict(sorted(failures.items())),
+        "counters": dict(sorted(counters.items())),
+        "shard_seconds": round(sum(r.seconds for r in records.values()), 3),
+        "wall_seconds": round(wall_seconds, 3),
+    }
