@@ -54,11 +54,16 @@ class StorageConfig(Strict):
 # ---- datasets ------------------------------------------------------------------------------
 
 class ResizeConfig(Strict):
+    """img2dataset's semantics: keep_ratio makes the smaller side `size`; center_crop then
+    crops size x size; none keeps the pixels (and the bytes, for plain JPEGs)."""
     mode: Literal["keep_ratio", "center_crop", "none"] = "keep_ratio"
     size: int = Field(256, gt=0)
-    """Keep_ratio: the longer side becomes at most `size`; center_crop: size x size."""
+    upscale: bool = False
+    """Enlarge images smaller than `size` (img2dataset's resize_only_if_bigger, inverted)."""
     quality: int = Field(95, ge=1, le=100)
     """JPEG quality used when an image has to be re-encoded."""
+    max_pixels: int = Field(100_000_000, gt=0)
+    """Decompression-bomb bound, checked from the header before decoding."""
 
 
 class FilterConfig(Strict):
@@ -97,6 +102,8 @@ class LaionSource(SourceBase):
     """Only public http(s) addresses are fetched unless this is set (loopback test data)."""
     timeout_s: float = Field(10.0, gt=0)
     retries: int = Field(0, ge=0)
+    threads: int = Field(16, gt=0)
+    """Download threads per shard task (img2dataset's thread_count)."""
     generate: GenerateConfig | None = None
 
     @field_validator("parquet", mode="before")

@@ -47,6 +47,13 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+def read_parquet(uri: str, columns: list[str] | None = None):  # -> pyarrow.Table
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
 def list_names(uri: str) -> list[str]:
     """Base names of the entries of a folder; empty when it does not exist."""
     fs, path = filesystem(uri)

@@ -8,7 +8,7 @@ from curation.curate import curate, shards_output
 from curation.synthetic.scenes import Scene, describe
 from shardkit.config import load_config
 from shardkit.runner import ShardTask, StageError, run_stage
-from shardkit.shards import read_shard
+from shardkit.shards import StageOutput, read_shard
 from shardkit.validate import validate_stage
 
 DATASET = {"syn": {"source": "synthetic", "count": 23, "seed": 3, "samples_per_shard": 10, "caption": "alt_text"}}
@@ -17,7 +17,7 @@ DATASET = {"syn": {"source": "synthetic", "count": 23, "seed": 3, "samples_per_s
 def test_synthetic_dataset_is_curated_into_valid_shards(ray_session, write_config):
     config = load_config(write_config(DATASET))
     summary = curate(config, "syn")
-    assert summary["shards_total"] == 3 and summary["samples_out"] == 23 and summary["failures"] == 0
+    assert summary["shards"] == 3 and summary["samples_out"] == 23 and summary["failures"] == 0
     output = shards_output(config, "syn")
     assert validate_stage(output.uri) == []
     samples = list(output.samples())
@@ -35,7 +35,9 @@ def test_rerun_skips_complete_shards_and_remakes_missing_ones(ray_session, write
     output = shards_output(config, "syn")
     before = {i: open(output.shard_uri(i), "rb").read() for i in range(3)}
     stamps = {i: os.stat(output.record_uri(i)).st_mtime_ns for i in range(3)}
-    os.remove(output.record_uri(1))  # as if the job had been killed while making shard 1
+    fetched = StageOutput.of(config.storage.root, "syn", "fetched")
+    os.remove(fetched.record_uri(1))  # as if the job had been killed while making shard 1
+    os.remove(output.record_uri(1))
     summary = curate(config, "syn")
     assert summary["samples_out"] == 23  # the summary covers earlier runs' shards too
     assert os.stat(output.record_uri(0)).st_mtime_ns == stamps[0]  # untouched
@@ -76,7 +78,7 @@ def test_one_failing_shard_does_not_sink_the_others(ray_session, write_config):
     from curation.sources.synthetic import SyntheticStage
 
     config = load_config(write_config(DATASET))
-    output = shards_output(config, "syn")
+    output = StageOutput.of(config.storage.root, "syn", "fetched")
     stage = _FlakyStage(SyntheticStage("syn", config.dataset("syn")), bad_shard=1)
     with pytest.raises(StageError, match=r"shards \[1\] failed; rerun to retry them"):
         run_stage(stage, output, config.cluster)

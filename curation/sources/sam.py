@@ -1,0 +1,162 @@
+"""The `sam` source: SA-1B tars (from its links file, or a folder of tars), one tar a shard.
+
+Each tar is downloaded whole (resumable, size-checked) and then read as a stream: images
+are never unpacked to disk, masks are never kept; from each annotation json only what helps
+select data travels on (number of masks, mean predicted IoU and stability, image size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from typing import IO, Iterator
+
+from curation.fetch import Candidate, FetchStage, ShardBuilder
+from curation.urls import check_url, guarded_urlopen
+from shardkit import storage
+from shardkit.runner import ShardTask
+from shardkit.shards import make_key
+
+log = logging.getLogger(__name__)
+
+LINKS_HEADER = ("file_name", "cdn_link")
+CHUNK = 1 << 20
+
+
+def read_links(uri: str) -> list[tuple[str, str]]:
+    """(file_name, url) pairs of an SA-1B links file (tab-separated, with a header)."""
+    pairs = []
+    for number, line in enumerate(storage.read_text(uri).splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if number == 1 and tuple(f.strip() for f in fields) == LINKS_HEADER:
+            continue
+        if len(fields) != 2 or not fields[0].strip() or "/" in fields[0]:
+            raise ValueError(f"{uri}: line {number}: expected '<file_name>\\t<cdn_link>'")
+        pairs.append((fields[0].strip(), fields[1].strip()))
+    return pairs
+
+
+def member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member must not be read, or None. Tars come from the internet: absolute
+    paths, '..', links and device files are refused, never followed or created."""
+    name = member.name
+    if not (member.isfile()):
+        return "not a regular file (link, directory or device)"
+    if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+        return "path escapes the archive"
+    return None
+
+
+def _stats(annotation_json: bytes) -> dict:
+    record = json.loads(annotation_json)
+    image = record.get("image", {})
+    annotations = record.get("annotations", [])
+
+    def mean(field: str) -> float | None:
+        values = [a[field] for a in annotations if isinstance(a.get(field), (int, float))]
+        return round(sum(values) / len(values), 5) if values else None
+
+    return {"sam_image_id": image.get("image_id"), "sam_width": image.get("width"), "sam_height": image.get("height"),
+            "n_masks": len(annotations), "mean_predicted_iou": mean("predicted_iou"),
+            "mean_stability_score": mean("stability_score")}
+
+
+@dataclass
+class _Pending:
+    member: str
+    image: bytes | None = None
+    annotation: bytes | None = None
+
+
+class SamStage(FetchStage):
+    def __init__(self, dataset: str, cfg, download_dir: str) -> None:  # noqa: ANN001
+        super().__init__(dataset, cfg)
+        self.download_dir = cfg.download_dir or download_dir
+
+    def slices(self) -> list[tuple[str, str]]:
+        if self.cfg.links:
+            return read_links(self.cfg.links)
+        names = [n for n in storage.list_names(self.cfg.tars) if n.endswith(".tar")]
+        if not names:
+            raise FileNotFoundError(f"no .tar files in {self.cfg.tars}")
+        return [(n, storage.join(self.cfg.tars, n)) for n in names]
+
+    def collect(self, task: ShardTask, builder: ShardBuilder) -> None:
+        name, location = task.payload
+        path = self._download(name, location) if self.cfg.links else location
+        fs, inner = storage.filesystem(path)
+        with fs.open(inner, "rb") as stream:
+            for index, (pending, stats) in enumerate(self._images(stream, name, builder)):
+                candidate = Candidate(make_key(task.index, index), origin=f"{location}#{pending.member}",
+                                      caption="", meta=stats, data=pending.image)
+                builder.add(candidate)
+
+    def _images(self, stream: IO[bytes], tar_name: str, builder: ShardBuilder) -> Iterator[tuple[_Pending, dict]]:
+        """(image, annotation stats) in tar order; SA-1B stores sa_N.jpg then sa_N.json."""
+        pending: dict[str, _Pending] = {}
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                problem = member_problem(member)
+                if problem:
+                    builder.fail(f"{tar_name}:{member.name}", "unsafe_tar_member", problem)
+                    continue
+                stem, _, ext = os.path.basename(member.name).rpartition(".")
+                if ext.lower() not in ("jpg", "jpeg", "json"):
+                    builder.count("sam:other_member")
+                    continue
+                entry = pending.setdefault(stem, _Pending(member.name))
+                data = tar.extractfile(member).read()
+                if ext.lower() == "json":
+                    entry.annotation = data
+                else:
+                    entry.image, entry.member = data, member.name
+                if entry.image is not None and entry.annotation is not None:
+                    del pending[stem]
+                    yield entry, self._parse_stats(entry, builder)
+        for stem, entry in pending.items():  # an image whose json never came is still an image
+            if entry.image is not None:
+                builder.count("sam:missing_json")
+                yield entry, {}
+
+    @staticmethod
+    def _parse_stats(entry: _Pending, builder: ShardBuilder) -> dict:
+        try:
+            return _stats(entry.annotation)
+        except (ValueError, TypeError, AttributeError):
+            builder.count("sam:bad_json")
+            return {}
+
+    def _download(self, name: str, url: str) -> str:
+        """The tar on local disk: kept if already complete (size checked against the server),
+        resumed with a Range request if partial, otherwise fetched from the start."""
+        unsafe = check_url(url, allow_private=self.cfg.allow_private_urls)
+        if unsafe:
+            raise OSError(f"{unsafe[0]}: {unsafe[1]}")
+        os.makedirs(self.download_dir, exist_ok=True)
+        dest = os.path.join(self.download_dir, name)
+        partial = dest + ".part"
+        timeout = self.cfg.timeout_s
+        with guarded_urlopen(allow_private=self.cfg.allow_private_urls):
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as head:
+                length = int(head.headers.get("Content-Length") or -1)
+            if os.path.exists(dest) and (length < 0 or os.path.getsize(dest) == length):
+                return dest
+            offset = os.path.getsize(partial) if os.path.exists(partial) else 0
+            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+                resumed = offset > 0 and response.status == 206
+                with open(partial, "ab" if resumed else "wb") as out:
+                    shutil.copyfileobj(response, out, CHUNK)
+        size = os.path.getsize(partial)
+        if length >= 0 and size != length:
+            raise OSError(f"{name}: downloaded {size} bytes, server announced {length}; rerun to resume")
+        os.replace(partial, dest)
+        log.info("downloaded %s (%d bytes%s)", name, size, ", resumed" if offset else "")
+        return dest
