@@ -35,10 +35,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $@
 
+DEMO_DATASETS := sample-laion sample-sam sample-synthetic
+
 demo: setup
 	$(PY) -m curation sources $(ARGS)
-	$(PY) -m curation curate sample-synthetic $(ARGS)
-	$(PY) -m shardkit validate sample-synthetic $(ARGS)
+	$(PY) -m curation curate $(DEMO_DATASETS) $(ARGS)
+	for d in $(DEMO_DATASETS); do $(PY) -m shardkit validate $$d $(ARGS) || exit 1; done
 	$(PY) -m shardkit status $(ARGS)
 	@echo "demo outputs are under $$($(PY) -c 'from shardkit.config import load_config; print(load_config().storage.root)')"
 

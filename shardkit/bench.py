@@ -14,12 +14,16 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
+
+import psutil
 
 from shardkit import storage
 from shardkit.cli import add_config_arguments, config_from_args, run_main, setup_logging
@@ -59,6 +63,72 @@ class BenchResult:
         return (f"{self.name}: {self.ours.rate:,.1f} {self.unit}/s vs {self.baseline_name} "
                 f"{self.baseline.rate:,.1f} {self.unit}/s = {self.ratio:.2f}x ({verdict} target {self.target}); "
                 f"peak {self.ours.peak_mb:.1f} MB vs {self.baseline.peak_mb:.1f} MB; bottleneck: {self.bottleneck}")
+
+
+class PeakRSS:
+    """Peak summed RSS, in MB, of this process, all its descendants (multiprocessing children,
+    and an embedded Ray's daemons and workers) and any `ray::` worker of a cluster this
+    process joined, sampled every `interval` s in a background thread while the block runs.
+    tracemalloc sees none of those. RSS counts shared pages in every process that maps them,
+    so this is an upper bound.
+
+    `ray=False` leaves out Ray's own processes (daemons, agents, workers: cmdline with `ray::`
+    or under `site-packages/ray/`) and whatever they started, for baselines that run beside
+    an idle Ray. `ray::` processes outside our tree belong to another Ray on this machine
+    unless we joined one, so they are counted only when `joined_ray` is set.
+    """
+
+    def __init__(self, interval: float = 0.1, ray: bool = True, joined_ray: bool = False) -> None:
+        self.interval, self.ray, self.joined_ray = interval, ray, joined_ray
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+
+    def sample_mb(self) -> float:
+        """One scan of the process table: the summed RSS now."""
+        procs = {p.pid: p for p in psutil.process_iter(["ppid"])}
+        children: dict[int, list[int]] = {}
+        for pid, proc in procs.items():
+            children.setdefault(proc.info["ppid"], []).append(pid)
+
+        def cmdline(pid: int) -> str:
+            try:
+                return " ".join(procs[pid].cmdline())
+            except psutil.Error:
+                return ""
+
+        me, counted, stack = os.getpid(), set(), [os.getpid()]
+        while stack:
+            pid = stack.pop()
+            if pid in counted or (pid != me and not self.ray and ("ray::" in cmdline(pid) or "/site-packages/ray/" in cmdline(pid))):
+                continue
+            counted.add(pid)
+            stack.extend(children.get(pid, ()))
+        if self.ray and self.joined_ray:
+            counted.update(pid for pid in procs if "ray::" in cmdline(pid))
+        total = 0
+        for pid in counted:
+            try:
+                total += procs[pid].memory_info().rss
+            except psutil.Error:  # exited meanwhile
+                pass
+        return total / 2**20
+
+    def _run(self) -> None:
+        while True:
+            self.peak_mb = max(self.peak_mb, self.sample_mb())
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak_mb = self.sample_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.sample_mb())
 
 
 def measure(fn: Callable[[], int], repeat: int = 3) -> Measure:
