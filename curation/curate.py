@@ -71,9 +71,6 @@ def curate(config: PipelinesConfig, dataset: str, restart: bool = False) -> dict
     return combined
 
 
-def ensure_curated(config: PipelinesConfig, dataset: str) -> StageOutput:
-    """The dataset's shards, curated first when missing or incomplete (later stages call this)."""
-    output = shards_output(config, dataset)
-    if not output.is_complete():
-        curate(config, dataset)
-    return output
+def make_stage(config: PipelinesConfig, dataset: str, stage: str) -> None:
+    """shardkit.pipeline's hook: later stages ask for `shards` through it."""
+    curate(config, dataset)

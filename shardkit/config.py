@@ -171,6 +171,13 @@ class GenerationConfig(Strict):
     seed: int = 0
 
 
+class TinyModelConfig(Strict):
+    """Build a tiny random-weight model of this kind into `model` when that folder is empty:
+    for tests and CPU demos, through the same from_pretrained path as a real model."""
+    kind: Literal["llava", "llava_next"] = "llava"
+    seed: int = 0
+
+
 class CaptionerConfig(Strict):
     model: str
     """A hub id (llava-hf/llava-1.5-7b-hf) or a local folder / URI saved with save_pretrained."""
@@ -185,6 +192,9 @@ class CaptionerConfig(Strict):
     """Fractional by default: whole-CPU actors starve Ray Data's read/write tasks on small nodes."""
     trust_remote_code: bool = False
     generation: GenerationConfig = GenerationConfig()
+    max_alt_text_chars: int = Field(300, gt=0)
+    """Alt text longer than this is cut before it is put into a `{}` prompt."""
+    tiny: TinyModelConfig | None = None
 
 
 # ---- the whole file ------------------------------------------------------------------------

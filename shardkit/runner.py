@@ -26,6 +26,17 @@ class StageError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PoolSpec:
+    """Run the stage's shards on long-lived actors instead of tasks: for stages that hold a
+    model, so it is loaded once per actor, not once per shard."""
+    actors: int
+    num_cpus: float
+    num_gpus: float = 0.0
+    max_restarts: int = 3
+    """A killed actor is restarted (reloading its model) and its shard retried on it."""
+
+
+@dataclass(frozen=True)
 class ShardTask:
     index: int
     payload: Any = None
@@ -34,7 +45,10 @@ class ShardTask:
 
 class ShardStage(Protocol):
     """What a stage provides to the runner. Instances are sent to Ray workers: keep them
-    small and picklable (configs and paths, not models or open files)."""
+    small and picklable (configs and paths, not models or open files). Optional members:
+    `pool` (a PoolSpec: run on actors), `setup()` (called once in each actor before its
+    first shard, e.g. to load a model) and `progress_counters` (record counters shown as
+    rates in the progress line, e.g. tokens)."""
 
     task_cpus: float
 
@@ -51,22 +65,36 @@ def _run_one(stage: ShardStage, task: ShardTask, output: StageOutput) -> ShardRe
     return record
 
 
+class _ShardActor:
+    def __init__(self, stage: ShardStage) -> None:
+        self.stage = stage
+        if hasattr(stage, "setup"):
+            stage.setup()
+
+    def run(self, task: ShardTask, output: StageOutput) -> ShardRecord:
+        return _run_one(self.stage, task, output)
+
+
 class _Progress:
-    def __init__(self, label: str, total: int, interval_s: float = 5.0):
+    def __init__(self, label: str, total: int, counters: tuple[str, ...] = (), interval_s: float = 5.0):
         self.label, self.total, self.interval_s = label, total, interval_s
         self.done = self.samples = self.failures = 0
+        self.counters = dict.fromkeys(counters, 0)
         self.start = self.last = time.monotonic()
 
     def update(self, record: ShardRecord) -> None:
         self.done += 1
         self.samples += record.samples_out
         self.failures += len(record.failures)
+        for name in self.counters:
+            self.counters[name] += record.counters.get(name, 0)
         now = time.monotonic()
         if now - self.last >= self.interval_s or self.done == self.total:
             self.last = now
-            rate = self.samples / max(now - self.start, 1e-9)
-            log.info("%s: shards %d/%d, %d samples (%.1f/s), %d failures",
-                     self.label, self.done, self.total, self.samples, rate, self.failures)
+            elapsed = max(now - self.start, 1e-9)
+            rates = "".join(f", {n / elapsed:.1f} {name}/s" for name, n in self.counters.items())
+            log.info("%s: shards %d/%d, %d samples (%.1f/s%s), %d failures",
+                     self.label, self.done, self.total, self.samples, self.samples / elapsed, rates, self.failures)
 
 
 def run_stage(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterConfig,
@@ -113,21 +141,38 @@ def _run_pending(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterCon
     import ray
 
     cluster.connect(cluster_cfg)
-    # max_retries covers a worker process dying (OOM, kill); an exception from the stage's
-    # own code is not retried: it would fail the same way again
-    remote = ray.remote(_run_one).options(num_cpus=stage.task_cpus, max_retries=2)
-    limit = max_in_flight or max(2, int(2 * cluster.total_cpus() / max(stage.task_cpus, 0.01)))
+    pool: PoolSpec | None = getattr(stage, "pool", None)
     stage_ref = ray.put(stage)
-    progress = _Progress(label, len(pending))
+    if pool is None:
+        # max_retries covers a worker process dying (OOM, kill); an exception from the
+        # stage's own code is not retried: it would fail the same way again
+        remote = ray.remote(_run_one).options(num_cpus=stage.task_cpus, max_retries=2)
+        limit = max_in_flight or max(2, int(2 * cluster.total_cpus() / max(stage.task_cpus, 0.01)))
+        submit = lambda task, _slot: remote.remote(stage_ref, task, output)  # noqa: E731
+        slots = list(range(limit))
+    else:
+        actor_class = ray.remote(_ShardActor).options(
+            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=pool.max_restarts,
+            max_task_retries=pool.max_restarts)
+        # the stage goes inline, not by object reference: a restarted actor must still find it
+        slots = [actor_class.remote(stage) for _ in range(min(pool.actors, len(pending)))]
+        submit = lambda task, actor: actor.run.remote(task, output)  # noqa: E731
+    progress = _Progress(label, len(pending), tuple(getattr(stage, "progress_counters", ())))
     queue = list(reversed(pending))
-    in_flight: dict[Any, int] = {}
-    while queue or in_flight:
-        while queue and len(in_flight) < limit:
-            task = queue.pop()
-            in_flight[remote.remote(stage_ref, task, output)] = task.index
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        index = in_flight.pop(ready[0])
-        try:
-            progress.update(ray.get(ready[0]))
-        except Exception as exc:  # noqa: BLE001 - one bad shard must not stop the others
-            log.error("%s: shard %05d failed: %s", label, index, exc)
+    in_flight: dict[Any, tuple[int, Any]] = {}
+    try:
+        while queue or in_flight:
+            while queue and slots:
+                task, slot = queue.pop(), slots.pop()
+                in_flight[submit(task, slot)] = (task.index, slot)
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            index, slot = in_flight.pop(ready[0])
+            slots.append(slot)
+            try:
+                progress.update(ray.get(ready[0]))
+            except Exception as exc:  # noqa: BLE001 - one bad shard must not stop the others
+                log.error("%s: shard %05d failed: %s", label, index, exc)
+    finally:
+        if pool is not None:
+            for actor in set(slots) | {slot for _, slot in in_flight.values()}:
+                ray.kill(actor)

@@ -1,0 +1,1 @@
+"""Dense captioning with LLaVA-family models on Ray."""
