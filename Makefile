@@ -1,6 +1,7 @@
 # The front door. Every target sets up .venv first (seconds when nothing changed).
 #   make demo | make test | make bench
-#   make sources | make curate DATASET=sample-laion | make validate DATASET=x [STAGE=shards]
+#   make sources | make curate DATASET=sample-laion | make caption DATASET=sample-sam [CAPTIONER=x]
+#   make validate DATASET=x [STAGE=shards]
 # CONFIG=other.yaml picks another config; SET="key.path=value other.key=value" overrides values.
 
 SHELL := /bin/bash
@@ -13,6 +14,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 CONFIG ?= pipelines.yaml
 DATASET ?=
+CAPTIONER ?=
 STAGE ?= shards
 SET ?=
 
@@ -23,7 +25,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup demo test bench sources curate validate status config lock clean require-dataset
+.PHONY: setup demo test bench sources curate caption validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -40,7 +42,9 @@ DEMO_DATASETS := sample-laion sample-sam sample-synthetic
 demo: setup
 	$(PY) -m curation sources $(ARGS)
 	$(PY) -m curation curate $(DEMO_DATASETS) $(ARGS)
+	$(PY) -m captioning caption sample-laion sample-sam $(ARGS)
 	for d in $(DEMO_DATASETS); do $(PY) -m shardkit validate $$d $(ARGS) || exit 1; done
+	for d in sample-laion sample-sam; do $(PY) -m shardkit validate $$d captions/tiny-llava $(ARGS) || exit 1; done
 	$(PY) -m shardkit status $(ARGS)
 	@echo "demo outputs are under $$($(PY) -c 'from shardkit.config import load_config; print(load_config().storage.root)')"
 
@@ -55,6 +59,9 @@ sources: setup
 
 curate: setup require-dataset
 	$(PY) -m curation curate $(DATASETS) $(ARGS)
+
+caption: setup require-dataset
+	$(PY) -m captioning caption $(DATASETS) $(if $(CAPTIONER),--captioner $(CAPTIONER)) $(ARGS)
 
 validate: setup require-dataset
 	$(PY) -m shardkit validate $(DATASET) $(STAGE) $(ARGS)
