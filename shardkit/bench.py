@@ -97,10 +97,13 @@ class PeakRSS:
             except psutil.Error:
                 return ""
 
+        def skipped(pid: int) -> bool:
+            return not self.ray and ("ray::" in cmdline(pid) or "/site-packages/ray/" in cmdline(pid))
+
         me, counted, stack = os.getpid(), set(), [os.getpid()]
         while stack:
             pid = stack.pop()
-            if pid in counted or (pid != me and not self.ray and ("ray::" in cmdline(pid) or "/site-packages/ray/" in cmdline(pid))):
+            if pid in counted or (pid != me and skipped(pid)):
                 continue
             counted.add(pid)
             stack.extend(children.get(pid, ()))

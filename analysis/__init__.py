@@ -1,0 +1,1 @@
+"""Analysis of curated and captioned data: noun statistics (concept density) and reports."""

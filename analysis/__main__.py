@@ -1,0 +1,63 @@
+"""`python -m analysis nouns [--datasets a,b] [--fields txt,tiny-llava]`: the noun report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from analysis.job import count_rows, find_rows
+from analysis.nouns import load_nlp
+from analysis.report import write_report
+from shardkit.cli import add_config_arguments, config_from_args, run_main, setup_logging
+from shardkit.config import ConfigError
+
+log = logging.getLogger("analysis")
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v for v in value.replace(",", " ").split() if v] if value else None
+
+
+def _nouns(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    datasets = _split(args.datasets)
+    for name in datasets or []:
+        config.dataset(name)
+    rows = find_rows(config, datasets, _split(args.fields))
+    if not rows:
+        raise ConfigError("no complete caption fields found: curate (and caption) datasets first")
+    cfg = config.analysis.nouns
+    nlp = load_nlp(tuple(cfg.spacy_models))
+    counts, timings = count_rows(config, rows)
+    for row in [r for r, c in counts.items() if c.captions == 0]:
+        # SA-1B ships no captions: a row of zeros says nothing about concept density
+        log.info("%s: no captions at all; left out of the report", row.label)
+        del counts[row]
+    settings = {"spacy_model": f"{nlp.meta['lang']}_{nlp.meta['name']} {nlp.meta['version']}",
+                "components": list(nlp.pipe_names), "config": cfg.model_dump()}
+    uri = write_report(config.storage.root, counts, settings, timings)
+    for row, c in counts.items():
+        s = c.statistics(cfg.valid_threshold, 5)
+        log.info("%-34s VN/DN %d/%d = %.1f%%, total %d, average %.1f/img, %d images",
+                 row.label, s["VN"], s["DN"], s["VN/DN %"], s["total_nouns"], s["average_nouns_per_image"], s["images"])
+    log.info("report: %s", uri)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    nouns = commands.add_parser("nouns", help="noun statistics of every caption field (the paper's Table 1)")
+    nouns.add_argument("--datasets", help="comma-separated (default: every dataset with captions)")
+    nouns.add_argument("--fields", help="comma-separated caption fields, e.g. txt,tiny-llava (default: all)")
+    nouns.set_defaults(handler=_nouns)
+    add_config_arguments(nouns)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,115 @@
+"""Noun statistics, checked exactly on captions whose nouns are known, through the Ray job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.__main__ import main as analysis_main
+from analysis.job import count_rows, find_rows
+from analysis.nouns import NounCounts, count_texts, load_nlp
+from curation.sample import make_sample
+from shardkit.config import load_config
+from shardkit.shards import CAPTION, IMAGE, META, Sample, ShardRecord, StageOutput, StagePlan, make_key, summarise, write_shard
+from tests.imaging import jpeg_bytes
+
+CAPTIONS = (["There is a dog."] * 5 + ["There are two dogs."] * 6 + ["Two cats sleep on a sofa."] * 10
+            + ["A photo of Paris."] * 3 + ["John sees a bird."] + [""] * 4)
+
+
+def _write_stage(root: str, dataset: str, captions: list[bytes | None], per_shard: int) -> StageOutput:
+    """A `shards/` stage made by hand: None leaves the caption field out of the sample."""
+    output = StageOutput.of(root, dataset, "shards")
+    shards = [captions[i:i + per_shard] for i in range(0, len(captions), per_shard)]
+    plan = StagePlan(dataset, "shards", num_shards=len(shards))
+    output.write_plan(plan)
+    for index, chunk in enumerate(shards):
+        samples = []
+        for i, text in enumerate(chunk):
+            base = make_sample(make_key(index, i), jpeg_bytes(i), width=16, height=12, original_width=16,
+                               original_height=12, source="folder", origin=f"mem://{index}/{i}")
+            fields = {IMAGE: base.fields[IMAGE], META: base.fields[META]}
+            if text is not None:
+                fields[CAPTION] = text
+            samples.append(Sample(base.key, fields))
+        write_shard(output.shard_uri(index), samples)
+        output.write_record(ShardRecord(index, len(chunk), len(chunk), 0.0))
+    output.write_summary(summarise(plan, output.records(), 0.0))
+    return output
+
+
+def _config(write_config, tmp_path, **nouns):
+    return load_config(write_config({"known": {"source": "folder", "path": str(tmp_path)},
+                                     "other": {"source": "folder", "path": str(tmp_path)}},
+                                    analysis={"nouns": nouns}))
+
+
+@pytest.mark.parametrize("propn", [False, True])
+def test_every_statistic_exactly(ray_session, write_config, tmp_path, propn):
+    config = _config(write_config, tmp_path, include_propn=propn)
+    _write_stage(config.storage.root, "known", [c.encode() for c in CAPTIONS], per_shard=7)
+    [row] = find_rows(config, ["known"])
+    counts, _ = count_rows(config, [row])
+    stats = counts[row].statistics(valid_threshold=10, top=3)
+    expected_nouns = {"dog": 11, "cat": 10, "sofa": 10, "photo": 3, "bird": 1}  # dogs -> dog by lemma
+    if propn:
+        expected_nouns |= {"paris": 3, "john": 1}
+    assert dict(counts[row].nouns) == expected_nouns
+    assert stats["images"] == 29 and stats["captions"] == 25
+    assert stats["DN"] == len(expected_nouns)
+    assert stats["VN"] == 1  # dog (11 > 10) is valid; cat and sofa (exactly 10) are not
+    assert stats["total_nouns"] == sum(expected_nouns.values())
+    assert stats["average_nouns_per_image"] == round(sum(expected_nouns.values()) / 29, 3)
+    assert stats["top_nouns"][0] == ("dog", 11)
+    two = 10 + (4 if propn else 0)
+    assert dict(counts[row].per_caption) == {0: 4, 1: 25 - two, 2: two}
+    assert stats["VN/DN %"] == round(100 / len(expected_nouns), 2)
+
+
+def test_threshold_boundary_moves_with_the_setting(ray_session, write_config, tmp_path):
+    counts = NounCounts()
+    counts.nouns.update({"dog": 11, "cat": 10, "sofa": 9})
+    assert counts.statistics(valid_threshold=10, top=1)["VN"] == 1
+    assert counts.statistics(valid_threshold=9, top=1)["VN"] == 2
+    assert counts.statistics(valid_threshold=8, top=1)["VN"] == 3
+
+
+def test_results_do_not_depend_on_how_shards_split_the_work(ray_session, write_config, tmp_path):
+    config = _config(write_config, tmp_path)
+    _write_stage(config.storage.root, "known", [c.encode() for c in CAPTIONS], per_shard=29)
+    _write_stage(config.storage.root, "other", [c.encode() for c in CAPTIONS], per_shard=3)
+    rows = find_rows(config)
+    counts, _ = count_rows(config, rows)
+    one_task, ten_tasks = (counts[r] for r in rows)
+    nlp = load_nlp(tuple(config.analysis.nouns.spacy_models))
+    in_process = count_texts(CAPTIONS, nlp, include_propn=False, batch_size=4, max_chars=20_000)
+    for other in (ten_tasks, in_process):
+        assert (other.nouns, other.per_caption, other.images, other.captions, other.words) == \
+               (one_task.nouns, one_task.per_caption, one_task.images, one_task.captions, one_task.words)
+
+
+def test_bad_input_is_handled_and_reported(ray_session, write_config, tmp_path):
+    config = _config(write_config, tmp_path, max_caption_chars=20_000)
+    captions = [b"", "Das ist ein Hund.".encode(), b"\xff\xfe caf\xe9", ("dog " * 100_000).encode(),
+                None, None, "A cat.".encode()]
+    _write_stage(config.storage.root, "known", captions, per_shard=4)
+    assert analysis_main(["nouns", "--config", str(tmp_path / "pipelines.yaml"), "--datasets", "known"]) == 0
+    report = json.loads((tmp_path / "data" / "reports" / "nouns" / "nouns.json").read_text())
+    [row] = report["rows"]
+    assert row["problems"] == {"not_utf8": 1, "cut_long": 1, "missing_field": 2}
+    assert row["images"] == 7 and row["captions"] == 4
+    # the cut caption still counts, up to the cut (5,000 "dog"s; the tagger may read one otherwise)
+    assert 4_990 <= dict(row["top_nouns"])["dog"] <= 5_000
+    for name in ("nouns.md", "table.png", "top_nouns.png", "nouns_per_caption.png", "zipf.png"):
+        assert (tmp_path / "data" / "reports" / "nouns" / name).stat().st_size > 0
+
+
+def test_report_puts_the_papers_rows_beside_ours(ray_session, write_config, tmp_path):
+    config = load_config(write_config({"web": {"source": "laion", "parquet": str(tmp_path / "x.parquet")}}))
+    _write_stage(config.storage.root, "web", [c.encode() for c in CAPTIONS], per_shard=10)
+    assert analysis_main(["nouns", "--config", str(tmp_path / "pipelines.yaml")]) == 0
+    markdown = (tmp_path / "data" / "reports" / "nouns" / "nouns.md").read_text()
+    assert "| web / txt | 1/5 = 20.0% | 35 | 1.2/Img | 29 |" in markdown
+    assert "*LAION (paper)* | *210K/2.5M = 8.5%* | *72.0M* | *6.4/Img*" in markdown
+    assert "NOUN only (PROPN not counted)" in markdown
