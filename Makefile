@@ -1,7 +1,7 @@
 # The front door. Every target sets up .venv first (seconds when nothing changed).
 #   make demo | make test | make bench
 #   make sources | make curate DATASET=sample-laion | make caption DATASET=sample-sam [CAPTIONER=x]
-#   make validate DATASET=x [STAGE=shards]
+#   make nouns [DATASET=a,b] [FIELDS=txt,tiny-llava] | make validate DATASET=x [STAGE=shards]
 # CONFIG=other.yaml picks another config; SET="key.path=value other.key=value" overrides values.
 
 SHELL := /bin/bash
@@ -15,6 +15,7 @@ TORCH_INDEX ?=
 CONFIG ?= pipelines.yaml
 DATASET ?=
 CAPTIONER ?=
+FIELDS ?=
 STAGE ?= shards
 SET ?=
 
@@ -25,7 +26,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup demo test bench sources curate caption validate status config lock clean require-dataset
+.PHONY: setup demo test bench sources curate caption nouns validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -45,6 +46,7 @@ demo: setup
 	$(PY) -m captioning caption sample-laion sample-sam $(ARGS)
 	for d in $(DEMO_DATASETS); do $(PY) -m shardkit validate $$d $(ARGS) || exit 1; done
 	for d in sample-laion sample-sam; do $(PY) -m shardkit validate $$d captions/tiny-llava $(ARGS) || exit 1; done
+	$(PY) -m analysis nouns $(ARGS)
 	$(PY) -m shardkit status $(ARGS)
 	@echo "demo outputs are under $$($(PY) -c 'from shardkit.config import load_config; print(load_config().storage.root)')"
 
@@ -59,6 +61,9 @@ sources: setup
 
 curate: setup require-dataset
 	$(PY) -m curation curate $(DATASETS) $(ARGS)
+
+nouns: setup
+	$(PY) -m analysis nouns $(if $(DATASET),--datasets $(DATASET)) $(if $(FIELDS),--fields $(FIELDS)) $(ARGS)
 
 caption: setup require-dataset
 	$(PY) -m captioning caption $(DATASETS) $(if $(CAPTIONER),--captioner $(CAPTIONER)) $(ARGS)

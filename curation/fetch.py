@@ -129,7 +129,10 @@ class FetchStage:
     computed once in the driver) and `collect(task, builder)`."""
 
     stage = STAGE
-    task_cpus = 0.5
+    task_cpus = 1.0
+    """Whole CPUs: Ray keeps about one idle worker per CPU, so fractional tasks make it start
+    (and import img2dataset in) fresh workers every run; downloads get their concurrency from
+    threads inside the task instead (measured: 1.85x faster on 2 vCPUs)."""
 
     def __init__(self, dataset: str, cfg: Any) -> None:
         self.dataset, self.cfg = dataset, cfg

@@ -23,6 +23,12 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         logger.debug("%s - %s", self.address_string(), format % args)
 
 
+class _Server(ThreadingHTTPServer):
+    # the default listen backlog of 5 drops connections under a downloader's 16+ threads
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class LoopbackServer:
     """Serve `root_dir` over HTTP; use as a context manager or call start()/stop().
 
@@ -48,8 +54,7 @@ class LoopbackServer:
 
     def _bind(self, port: int) -> ThreadingHTTPServer:
         handler = functools.partial(_QuietHandler, directory=str(self.root_dir))
-        server = ThreadingHTTPServer((self.host, port), handler)
-        server.daemon_threads = True
+        server = _Server((self.host, port), handler)
         return server
 
     def start(self) -> LoopbackServer:

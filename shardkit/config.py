@@ -210,11 +210,58 @@ class NounsConfig(Strict):
     max_caption_chars: int = Field(20_000, gt=0)
     """Longer captions are cut (and counted) so one runaway caption cannot stall a task."""
     top_nouns: int = Field(20, gt=0)
-    task_cpus: float = Field(0.5, gt=0)
+    task_cpus: float = Field(1.0, gt=0)
 
 
 class AnalysisConfig(Strict):
     nouns: NounsConfig = NounsConfig()
+
+
+# ---- training ------------------------------------------------------------------------------
+
+class TinyEncoderConfig(Strict):
+    """Build a tiny random-weight model into `model` when that folder is empty."""
+    seed: int = 0
+
+
+class TextEncoderConfig(Strict):
+    model: str
+    """A folder (or hub id) with a T5 encoder and its tokenizer, e.g. google/flan-t5-xxl's encoder."""
+    max_length: int = Field(120, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    tiny: TinyEncoderConfig | None = None
+
+
+class VaeConfig(Strict):
+    model: str
+    """A diffusers AutoencoderKL folder (or hub id), e.g. stabilityai/sd-vae-ft-ema."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyEncoderConfig | None = None
+
+
+class FeaturesConfig(Strict):
+    """A `features/<name>/` stage: VAE posteriors and T5 embeddings of a captioned dataset."""
+    dataset: str
+    caption: str
+    """`txt` (the source's alt text) or a captioner name (its dense captions)."""
+    alt_text_probability: float = Field(0.0, ge=0, le=1)
+    """Per sample, use the alt text instead of `caption` with this probability (a mix)."""
+    text_encoder: str
+    vae: str
+    resolution: int = Field(256, gt=0)
+    """Images are resized (smaller side) and centre-cropped to resolution x resolution."""
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    batch_size: int = Field(32, gt=0)
+    actors: int = Field(1, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.5, gt=0)
+    seed: int = 0
+
+
+class TrainingConfig(Strict):
+    text_encoders: dict[str, TextEncoderConfig] = {}
+    vaes: dict[str, VaeConfig] = {}
+    features: dict[str, FeaturesConfig] = {}
 
 
 # ---- the whole file ------------------------------------------------------------------------
@@ -225,6 +272,7 @@ class PipelinesConfig(Strict):
     datasets: dict[str, DatasetConfig] = {}
     captioners: dict[str, CaptionerConfig] = {}
     analysis: AnalysisConfig = AnalysisConfig()
+    training: TrainingConfig = TrainingConfig()
 
     @field_validator("datasets", "captioners")
     @classmethod
@@ -241,6 +289,18 @@ class PipelinesConfig(Strict):
                 f"datasets: no dataset {name!r}; defined: {', '.join(self.datasets) or 'none'}"
             )
         return self.datasets[name]
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> "PipelinesConfig":
+        t = self.training
+        for name, f in t.features.items():
+            for kind, ref, known in (("dataset", f.dataset, self.datasets), ("text_encoder", f.text_encoder, t.text_encoders),
+                                     ("vae", f.vae, t.vaes)):
+                if ref not in known:
+                    raise ValueError(f"training.features.{name}.{kind}: no {kind} {ref!r}; defined: {', '.join(known) or 'none'}")
+            if f.caption != "txt" and f.caption not in self.captioners:
+                raise ValueError(f"training.features.{name}.caption: {f.caption!r} is neither 'txt' nor a captioner")
+        return self
 
     def captioner(self, name: str) -> CaptionerConfig:
         if name not in self.captioners:

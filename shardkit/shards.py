@@ -234,6 +234,9 @@ class StageOutput:
     def write_record(self, record: ShardRecord) -> None:
         storage.atomic_write(self.record_uri(record.shard), record.to_json())
 
+    def record(self, index: int) -> ShardRecord:
+        return ShardRecord.from_json(storage.read_text(self.record_uri(index)))
+
     def records(self) -> dict[int, ShardRecord]:
         folder = storage.join(self.uri, RECORDS)
         out = {}
