@@ -258,10 +258,49 @@ class FeaturesConfig(Strict):
     seed: int = 0
 
 
+class StageConfig(Strict):
+    """One training stage (the paper's stage 2, text-image alignment, for now)."""
+    features: str
+    """The feature set (training.features) to train on."""
+    model: str = "PixArt-tiny/2"
+    """A size from training/models.py's registry."""
+    init: str | None = None
+    """Start from a diffusers PixArt folder (another stage's export, or a released model)."""
+    learned_sigma: bool = True
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(32, gt=0)
+    """Per worker, per micro-step."""
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.03, ge=0)
+    adam_eps: float = Field(1e-10, gt=0)
+    warmup_steps: int = Field(1000, ge=0)
+    grad_clip: float = Field(0.01, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    grad_checkpointing: bool = False
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    """Share of samples trained with the empty caption: what classifier-free guidance needs."""
+    seed: int = 0
+    shuffle_buffer: int = Field(1000, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
+    sample_every: int = Field(500, gt=0)
+    validation_prompts: list[str] = ["A large red circle in the center, on a plain blue background."]
+    sample_steps: int = Field(20, gt=0)
+    guidance_scale: float = Field(4.5, ge=1)
+    log_every: int = Field(10, gt=0)
+    workers: int = Field(1, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device, for MFU; None: looked up for known GPUs, not shown on CPU."""
+
+
 class TrainingConfig(Strict):
     text_encoders: dict[str, TextEncoderConfig] = {}
     vaes: dict[str, VaeConfig] = {}
     features: dict[str, FeaturesConfig] = {}
+    stages: dict[str, StageConfig] = {}
 
 
 # ---- the whole file ------------------------------------------------------------------------
@@ -300,6 +339,10 @@ class PipelinesConfig(Strict):
                     raise ValueError(f"training.features.{name}.{kind}: no {kind} {ref!r}; defined: {', '.join(known) or 'none'}")
             if f.caption != "txt" and f.caption not in self.captioners:
                 raise ValueError(f"training.features.{name}.caption: {f.caption!r} is neither 'txt' nor a captioner")
+        for name, stage in t.stages.items():
+            if stage.features not in t.features:
+                raise ValueError(f"training.stages.{name}.features: no feature set {stage.features!r}; "
+                                 f"defined: {', '.join(t.features) or 'none'}")
         return self
 
     def captioner(self, name: str) -> CaptionerConfig:
@@ -381,6 +424,11 @@ def parse_config(raw: Any, source_name: str = "pipelines.yaml") -> PipelinesConf
         raise ConfigError(f"{source_name}: the top level must be a mapping")
     storage = raw.get("storage") or {}
     root = storage.get("root", StorageConfig().root) if isinstance(storage, dict) else "./data"
+    if isinstance(root, str) and "://" not in root:
+        # workers (Ray Train's above all) run in other folders: a relative root must not move
+        root = os.path.abspath(root)
+        if isinstance(storage, dict):
+            raw = {**raw, "storage": {**storage, "root": root}}
     try:
         return PipelinesConfig.model_validate(_substitute_storage(raw, str(root).rstrip("/")))
     except ValidationError as exc:

@@ -18,7 +18,9 @@ def test_repository_config_loads_with_every_section():
     llava = config.captioner("llava-1.5-7b")
     assert llava.model == "llava-hf/llava-1.5-7b-hf" and llava.prompt == PAPER_PROMPT
     # ${storage} is substituted in source paths
-    assert config.datasets["sample-laion"].parquet == ["./data/sources/sample-laion/sample-laion.parquet"]
+    root = config.storage.root
+    assert root.startswith("/")  # a relative root is made absolute: workers run elsewhere
+    assert config.datasets["sample-laion"].parquet == [f"{root}/sources/sample-laion/sample-laion.parquet"]
 
 
 @pytest.mark.parametrize("raw, message", [

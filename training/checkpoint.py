@@ -1,0 +1,70 @@
+"""Atomic, resumable checkpoints: `checkpoints/step_000500/` appears only when complete.
+
+Each worker writes its own data position and RNG state (they differ per rank); rank 0
+writes the model, EMA, optimiser and scheduler, then renames the folder into place after
+every rank has written, so a kill at any moment leaves either the old or the new checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import torch
+
+_STEP = re.compile(r"^step_(\d{6,})$")
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:06d}")
+
+
+def staging_dir(root: str, step: int) -> str:
+    return os.path.join(root, f".step_{step:06d}.partial")
+
+
+def latest(root: str) -> tuple[int, str] | None:
+    if not os.path.isdir(root):
+        return None
+    steps = sorted(int(m.group(1)) for m in map(_STEP.match, os.listdir(root)) if m)
+    return (steps[-1], step_dir(root, steps[-1])) if steps else None
+
+
+def save_rank_state(staging: str, rank: int, state: dict[str, Any]) -> None:
+    os.makedirs(staging, exist_ok=True)
+    path = os.path.join(staging, f"rank{rank}.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_shared_state(staging: str, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    os.makedirs(staging, exist_ok=True)
+    torch.save(state, os.path.join(staging, "state.pt"))
+    with open(os.path.join(staging, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def publish(root: str, step: int, keep: int = 2) -> str:
+    """Rename the staged checkpoint into place and drop all but the newest `keep`."""
+    final = step_dir(root, step)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(staging_dir(root, step), final)
+    steps = sorted(int(m.group(1)) for m in map(_STEP.match, os.listdir(root)) if m)
+    for old in steps[:-keep]:
+        shutil.rmtree(step_dir(root, old), ignore_errors=True)
+    return final
+
+
+def load(folder: str, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """(shared state, this rank's state or None, meta). weights_only: a checkpoint is data,
+    never code."""
+    shared = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
+    rank_path = os.path.join(folder, f"rank{rank}.pt")
+    own = torch.load(rank_path, map_location="cpu", weights_only=True) if os.path.exists(rank_path) else None
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    return shared, own, meta
