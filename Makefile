@@ -1,7 +1,8 @@
 # The front door. Every target sets up .venv first (seconds when nothing changed).
 #   make demo | make test | make bench
 #   make sources | make curate DATASET=sample-laion | make caption DATASET=sample-sam [CAPTIONER=x]
-#   make nouns [DATASET=a,b] [FIELDS=txt,tiny-llava] | make validate DATASET=x [STAGE=shards]
+#   make nouns [DATASET=a,b] [FIELDS=txt,tiny-llava] | make features DATASET=sample-sam | make train-stage2
+#   make validate DATASET=x [STAGE=shards]
 # CONFIG=other.yaml picks another config; SET="key.path=value other.key=value" overrides values.
 
 SHELL := /bin/bash
@@ -16,6 +17,7 @@ CONFIG ?= pipelines.yaml
 DATASET ?=
 CAPTIONER ?=
 FIELDS ?=
+FEATURES ?=
 STAGE ?= shards
 SET ?=
 
@@ -26,7 +28,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup demo test bench sources curate caption nouns validate status config lock clean require-dataset
+.PHONY: setup demo test bench sources curate caption nouns features train-stage2 validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -47,6 +49,8 @@ demo: setup
 	for d in $(DEMO_DATASETS); do $(PY) -m shardkit validate $$d $(ARGS) || exit 1; done
 	for d in sample-laion sample-sam; do $(PY) -m shardkit validate $$d captions/tiny-llava $(ARGS) || exit 1; done
 	$(PY) -m analysis nouns $(ARGS)
+	$(PY) -m training features sam-dense $(ARGS)
+	$(PY) -m training train stage2 $(ARGS)
 	$(PY) -m shardkit status $(ARGS)
 	@echo "demo outputs are under $$($(PY) -c 'from shardkit.config import load_config; print(load_config().storage.root)')"
 
@@ -64,6 +68,12 @@ curate: setup require-dataset
 
 nouns: setup
 	$(PY) -m analysis nouns $(if $(DATASET),--datasets $(DATASET)) $(if $(FIELDS),--fields $(FIELDS)) $(ARGS)
+
+features: setup
+	$(PY) -m training features $(if $(FEATURES),$(FEATURES)) $(if $(DATASET),--dataset $(DATASET)) $(ARGS)
+
+train-stage2: setup
+	$(PY) -m training train stage2 $(ARGS)
 
 caption: setup require-dataset
 	$(PY) -m captioning caption $(DATASETS) $(if $(CAPTIONER),--captioner $(CAPTIONER)) $(ARGS)

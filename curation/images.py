@@ -354,8 +354,9 @@ def phash(image: Image.Image) -> int:
     over 63 informative bits."""
     rgb = image if image.mode == "RGB" else to_rgb(image)
     # Downscale before going grey: the 32x32 image is all that is needed, and converting
-    # a full-size image first would cost a full-size pass.
-    small = rgb.resize((_PHASH_SIZE, _PHASH_SIZE), RESAMPLE, reducing_gap=REDUCING_GAP).convert("L")
+    # a full-size image first would cost a full-size pass. BOX (area average) is what a
+    # 32x32 summary needs and costs ~40% less than LANCZOS here (bench: sam_ingestion).
+    small = rgb.resize((_PHASH_SIZE, _PHASH_SIZE), Image.BOX).convert("L")
     pixels = np.asarray(small, dtype=np.float64)
     block = (_DCT @ pixels @ _DCT.T)[:_PHASH_BLOCK, :_PHASH_BLOCK].ravel()
     # A flat image's AC terms are float noise around 0 (~1e-13) and would give it random

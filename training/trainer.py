@@ -80,6 +80,26 @@ def _peak_flops(cfg: StageConfig, device: torch.device) -> float | None:
     return None
 
 
+def _init_folder(init: str) -> str:
+    """A diffusers pipeline folder's transformer, or a transformer folder itself."""
+    return os.path.join(init, "transformer") if os.path.isdir(os.path.join(init, "transformer")) else init
+
+
+def _check_init(cfg: StageConfig, ctx: dict[str, Any]) -> None:
+    """Refuse, before any worker starts, a starting model that cannot read these features."""
+    from diffusers import PixArtTransformer2DModel
+
+    if not cfg.init:
+        return
+    model_cfg = PixArtTransformer2DModel.load_config(_init_folder(cfg.init))
+    if model_cfg["caption_channels"] != ctx["caption_channels"]:
+        raise TrainingError(f"{cfg.init}: the model takes {model_cfg['caption_channels']}-dim captions, the features "
+                            f"hold {ctx['caption_channels']}-dim T5 embeddings: use the text encoder it was trained with")
+    if model_cfg["in_channels"] != ctx["latent_channels"]:
+        raise TrainingError(f"{cfg.init}: the model takes {model_cfg['in_channels']} latent channels, "
+                            f"the VAE makes {ctx['latent_channels']}")
+
+
 def _build_model(ctx: dict[str, Any]):  # -> PixArtTransformer2DModel
     from diffusers import PixArtTransformer2DModel
 
@@ -87,18 +107,10 @@ def _build_model(ctx: dict[str, Any]):  # -> PixArtTransformer2DModel
 
     cfg = StageConfig(**ctx["stage"])
     if cfg.init:
-        folder = os.path.join(cfg.init, "transformer") if os.path.isdir(os.path.join(cfg.init, "transformer")) else cfg.init
-        model = PixArtTransformer2DModel.from_pretrained(folder)
-    else:
-        model = build_transformer(cfg.model, resolution=ctx["resolution"], latent_channels=ctx["latent_channels"],
-                                  caption_channels=ctx["caption_channels"], learned_sigma=cfg.learned_sigma,
-                                  vae_scale_factor=ctx["vae_scale_factor"], seed=cfg.seed)
-    if model.config.caption_channels != ctx["caption_channels"]:
-        raise TrainingError(f"the model takes {model.config.caption_channels}-dim captions, the features hold "
-                            f"{ctx['caption_channels']}-dim T5 embeddings: use the text encoder it was trained with")
-    if model.config.in_channels != ctx["latent_channels"]:
-        raise TrainingError(f"the model takes {model.config.in_channels} latent channels, the VAE makes {ctx['latent_channels']}")
-    return model
+        return PixArtTransformer2DModel.from_pretrained(_init_folder(cfg.init))
+    return build_transformer(cfg.model, resolution=ctx["resolution"], latent_channels=ctx["latent_channels"],
+                             caption_channels=ctx["caption_channels"], learned_sigma=cfg.learned_sigma,
+                             vae_scale_factor=ctx["vae_scale_factor"], seed=cfg.seed)
 
 
 def _flops_per_image(model, ctx: dict[str, Any]) -> float:  # noqa: ANN001
@@ -135,7 +147,14 @@ def worker_loop(ctx: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     step, position = 0, Position()
     torch.manual_seed(cfg.seed * 1000 + rank)  # noise and timesteps differ per rank, models do not
+    if rank == 0:
+        # a killed driver can leave its workers running for a while: they must finish dying
+        # before this run reads (and then writes) the same checkpoints and logs
+        ctx["_lock"] = _lock_run(layout)
+    _barrier(world)
     found = checkpoint.latest(layout.checkpoints)
+    if rank == 0:
+        _trim_metrics(layout, found[0] if found else 0)
     if found:
         shared, own, meta = checkpoint.load(found[1], rank)
         model.load_state_dict(shared["model"])
@@ -236,6 +255,28 @@ def worker_loop(ctx: dict[str, Any]) -> None:
         writer.close()
 
 
+def _barrier(world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def _lock_run(layout: RunLayout, timeout_s: float = 300.0):  # -> an open file holding the lock
+    import fcntl
+
+    handle = open(os.path.join(layout.root, ".lock"), "w")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TrainingError(f"{layout.root} is in use by another training process") from None
+            time.sleep(0.5)
+
+
 class _nullcontext:
     def __enter__(self):  # noqa: ANN204
         return self
@@ -270,8 +311,6 @@ def _log_metrics(layout: RunLayout, writer, metrics: dict[str, Any]) -> None:  #
 
 def _save_checkpoint(layout: RunLayout, step: int, rank: int, world: int, model, ema, optimizer, scheduler,
                      position: Position, cfg: StageConfig) -> None:  # noqa: ANN001
-    import torch.distributed as dist
-
     staging = checkpoint.staging_dir(layout.checkpoints, step)
     checkpoint.save_rank_state(staging, rank, {"position": asdict(position), "rng": torch.get_rng_state()})
     if rank == 0:
@@ -279,8 +318,7 @@ def _save_checkpoint(layout: RunLayout, step: int, rank: int, world: int, model,
             staging, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict()},
             {"step": step, "world": world, "stage": cfg.model_dump(mode="json")})
-    if world > 1 and dist.is_initialized():
-        dist.barrier()  # every rank's position is on disk before the checkpoint is published
+    _barrier(world)  # every rank's position is on disk before the checkpoint is published
     if rank == 0:
         checkpoint.publish(layout.checkpoints, step)
         log.info("checkpoint at step %d", step)
@@ -347,7 +385,6 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
         shutil.rmtree(layout.root)
     os.makedirs(layout.root, exist_ok=True)
     found = checkpoint.latest(layout.checkpoints)
-    _trim_metrics(layout, found[0] if found else 0)
     vae_config = AutoencoderKL.load_config(vae_cfg.model)
     embeds, masks = _prompt_embeddings(text_cfg, cfg.validation_prompts)
     ctx = {
@@ -360,6 +397,7 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
         "prompt_embeds": embeds, "prompt_masks": masks,
         "null_embed": from_stored(npy_array(storage.read_bytes(storage.join(features.uri, NULL_CAPTION)))).numpy(),
     }
+    _check_init(cfg, ctx)
     cluster.connect(config.cluster)
     started = time.monotonic()
     trainer = TorchTrainer(
@@ -370,9 +408,12 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
         run_config=RunConfig(name="ray", storage_path=os.path.join(layout.root, "ray"),
                              failure_config=FailureConfig(max_failures=0)),
     )
-    result = trainer.fit()
-    if result.error:
-        raise TrainingError(f"training failed: {result.error}")
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's error; surface its message
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise TrainingError(f"{stage}: training failed: {lines[-1] if lines else exc}; rerun to resume "
+                            f"from the last checkpoint") from exc
     metrics = [json.loads(line) for line in open(layout.metrics)] if os.path.exists(layout.metrics) else []
     summary = {"stage": stage, "steps": cfg.steps, "first_loss": metrics[0]["loss"] if metrics else None,
                "last_loss": metrics[-1]["loss"] if metrics else None, "seconds": round(time.monotonic() - started, 1),

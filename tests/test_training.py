@@ -1,0 +1,149 @@
+"""Feature extraction and the trainer, end to end on tiny models, on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from shardkit.config import ConfigError, load_config, parse_config
+from shardkit.shards import Sample, StageOutput
+from shardkit.validate import validate_stage
+from tests.conftest import REPO
+from training.diffusion import Diffusion
+from training.features import NULL_CAPTION, choose_caption, extract, from_stored, npy_array
+from training.models import generate
+from training.trainer import TrainingError, train
+
+
+def _config(write_config, **stage):
+    return write_config(
+        {"syn": {"source": "synthetic", "count": 48, "seed": 2, "samples_per_shard": 12, "caption": "description"}},
+        training={
+            "text_encoders": {"t5": {"model": "${storage}/models/t5", "tiny": {"seed": 0}, "dtype": "float32"}},
+            "vaes": {"vae": {"model": "${storage}/models/vae", "tiny": {"seed": 0}}},
+            "features": {"f": {"dataset": "syn", "caption": "txt", "text_encoder": "t5", "vae": "vae",
+                               "resolution": 32, "batch_size": 8}},
+            "stages": {"s": {"features": "f", "model": "PixArt-tiny/2", "steps": 30, "batch_size": 8, "lr": 1e-3,
+                             "warmup_steps": 5, "grad_clip": 1.0, "ema_decay": 0.9, "checkpoint_every": 10,
+                             "sample_every": 30, "log_every": 5, "validation_prompts": ["A large red circle in the center."],
+                             "sample_steps": 4, **stage}},
+        })
+
+
+def test_objective_matches_ddpm_and_is_zero_for_a_perfect_model():
+    from diffusers import DDPMScheduler
+
+    diffusion = Diffusion(learned_sigma=True)
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([1, 10, 500, 999])
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    assert torch.allclose(diffusion.q_sample(x0, t, noise), reference.add_noise(x0, noise, t), atol=1e-5)
+    x_t = diffusion.q_sample(x0, t, noise)
+    perfect = torch.cat([noise, -torch.ones_like(noise)], dim=1)  # v = -1: the true posterior variance
+    loss, parts = diffusion.loss(perfect, x0, x_t, t, noise)
+    assert parts["mse"] == 0 and abs(parts["vb"]) < 1e-4
+    wrong_variance = torch.cat([noise, torch.ones_like(noise)], dim=1)
+    assert diffusion.loss(wrong_variance, x0, x_t, t, noise)[1]["vb"] > 1e-3
+    plain = Diffusion(learned_sigma=False)
+    assert set(plain.loss(noise + 1, x0, x_t, t, noise)[1]) == {"mse"}
+
+
+def test_caption_choice_mixes_alt_text_with_the_configured_probability():
+    config = parse_config({"datasets": {"d": {"source": "folder", "path": "/x"}},
+                           "captioners": {"c": {"model": "m"}},
+                           "training": {"text_encoders": {"t": {"model": "t"}}, "vaes": {"v": {"model": "v"}},
+                                        "features": {"f": {"dataset": "d", "caption": "c", "text_encoder": "t",
+                                                           "vae": "v", "alt_text_probability": 0.3}}}})
+    cfg = config.training.features["f"]
+    samples = [Sample(f"k{i}", {"txt": b"alt", "c.txt": b"dense"}) for i in range(2000)]
+    chosen = [choose_caption(cfg, s) for s in samples]
+    share = sum(field == "txt" for field, _ in chosen) / len(chosen)
+    assert 0.27 < share < 0.33
+    assert chosen == [choose_caption(cfg, s) for s in samples]  # decided by key: reruns agree
+    assert {text for field, text in chosen if field == "c.txt"} == {"dense"}
+
+
+def test_features_hold_posteriors_and_valid_token_embeddings(ray_session, write_config):
+    config = load_config(_config(write_config))
+    summary = extract(config, "f")
+    output = StageOutput.of(config.storage.root, "syn", "features/f")
+    assert validate_stage(output.uri) == []
+    assert summary["samples_out"] == 48 and summary["bytes_per_sample"] > 0
+    for sample in output.samples():
+        meta = sample.meta
+        posterior = npy_array(sample.fields["vae.npy"])
+        text = npy_array(sample.fields["t5.npy"])
+        assert posterior.shape == (2, 4, 16, 16) and posterior.dtype == np.float16  # tiny VAE: factor 2
+        assert text.shape == (meta["features"]["tokens"], 64) and text.dtype == np.float16
+        assert sample.text() == meta["description"] and "jpg" not in sample.fields
+        assert (from_stored(posterior)[1] > 0).all()  # a std, not a log-variance
+    null = npy_array((open(os.path.join(output.uri, NULL_CAPTION), "rb").read()))
+    assert null.shape[0] >= 1 and null.shape[1] == 64
+
+
+def _metrics(root: str) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(root, "metrics.jsonl"))]
+
+
+def test_training_resumes_after_a_kill_and_exports_a_working_pipeline(ray_session, write_config):
+    path = _config(write_config, steps=40)
+    config = load_config(path)
+    extract(config, "f")  # made first so the killed run spends its time training
+    run = os.path.join(config.storage.root, "runs", "s")
+    driver = subprocess.Popen([sys.executable, "-m", "training", "train", "s", "--config", str(path)], cwd=REPO,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not os.path.isdir(os.path.join(run, "checkpoints", "step_000020")) and time.monotonic() < deadline:
+            assert driver.poll() is None, "the training run ended before it could be killed"
+            time.sleep(0.1)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    summary = train(config, "s")
+    assert summary["resumed_from"] >= 20
+    steps = [m["step"] for m in _metrics(run)]
+    assert steps == list(range(5, 41, 5))  # continued: no step logged twice, none missing
+    losses = [m["loss"] for m in _metrics(run)]
+    assert losses[-1] < losses[0]
+    assert os.path.exists(os.path.join(run, "samples", "step_000040.png"))  # the final grid
+    worker = json.load(open(os.path.join(run, "worker0.json")))
+    assert worker["step"] == 40 and worker["position"]["consumed"] > 0
+    images = generate(summary["pipeline"], ["A large red circle in the center."], height=32, width=32, steps=3)
+    assert images[0].size == (32, 32)
+
+
+def test_two_workers_keep_identical_parameters(ray_session, write_config):
+    config = load_config(_config(write_config, steps=6, workers=2, cpus_per_worker=1.0, checkpoint_every=6,
+                                 sample_every=100, log_every=3))
+    train(config, "s")
+    run = os.path.join(config.storage.root, "runs", "s")
+    ranks = [json.load(open(os.path.join(run, f"worker{r}.json"))) for r in (0, 1)]
+    assert ranks[0]["parameters_sha256"] == ranks[1]["parameters_sha256"]
+    assert ranks[0]["step"] == ranks[1]["step"] == 6
+
+
+def test_bad_training_input_is_a_clear_error(ray_session, write_config, tmp_path):
+    with pytest.raises(ConfigError, match="training.stages.s.features: no feature set 'nope'"):
+        load_config(_config(write_config, features="nope"))
+    config = load_config(_config(write_config))
+    with pytest.raises(TrainingError, match="no stage 'x'"):
+        train(config, "x")
+    # a model made for another text encoder's width
+    from training.models import build_transformer
+
+    other = build_transformer("PixArt-tiny/2", resolution=32, caption_channels=32, vae_scale_factor=2)
+    other.save_pretrained(tmp_path / "other")
+    bad = load_config(_config(write_config, init=str(tmp_path / "other"), steps=2))
+    with pytest.raises(TrainingError, match="takes 32-dim captions, the features hold 64-dim"):
+        train(bad, "s")

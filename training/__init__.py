@@ -1,0 +1,1 @@
+"""PixArt-α training: features, data, diffusion, models and the training loop."""
