@@ -6,6 +6,7 @@
 # CONFIG=other.yaml picks another config; SET="key.path=value other.key=value" overrides values.
 
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,6 +21,9 @@ FIELDS ?=
 FEATURES ?=
 STAGE ?= shards
 SET ?=
+
+# this machine's pip config names local index folders that may be absent: not worth a line each
+PIP_QUIET := { grep -v "^WARNING: Location 'file:" || true; }
 
 export CONFIG
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -36,8 +40,8 @@ setup: $(STAMP)
 # several GB even on machines without a GPU.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) 2>&1 | $(PIP_QUIET)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | $(PIP_QUIET)
 	@touch $@
 
 DEMO_DATASETS := sample-laion sample-sam sample-synthetic

@@ -9,8 +9,10 @@ thousands of images a shard.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,8 +61,23 @@ class ShardStage(Protocol):
     def run_shard(self, task: ShardTask, shard_uri: str) -> ShardRecord: ...
 
 
+class StaleRunError(StageError):
+    pass
+
+
 def _run_one(stage: ShardStage, task: ShardTask, output: StageOutput) -> ShardRecord:
-    record = stage.run_shard(task, output.shard_uri(task.index))
+    """Make one shard under a staging name, then publish it and its record only if this run
+    still owns the stage: a task orphaned by a killed driver may outlive it, and must not
+    overwrite what the rerun wrote (a fencing token: the rerun's id in `_run`)."""
+    run_id = output.run_id
+    staged = output.shard_uri(task.index) + f"{storage.TEMP_MARKER}{run_id}-staged"
+    record = stage.run_shard(task, staged)
+    if output.read_fence() != run_id:
+        fs, path = storage.filesystem(staged)
+        fs.rm(path)
+        raise StaleRunError(f"shard {task.index}: a newer run owns {output.uri}; result dropped")
+    fs, path = storage.filesystem(staged)
+    fs.mv(path, storage.filesystem(output.shard_uri(task.index))[1])
     output.write_record(record)
     return record
 
@@ -118,6 +135,8 @@ def run_stage(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterConfig
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     output.write_plan(plan)
+    output = dataclasses.replace(output, run_id=uuid.uuid4().hex[:12])
+    output.write_fence()
 
     done = output.complete_shards()
     pending = [t for t in stage.tasks() if t.index not in done]

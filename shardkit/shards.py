@@ -29,6 +29,7 @@ REQUIRED_META = ("source", "origin", "width", "height", "original_width", "origi
 RECORDS = "_records"
 PLAN = "_plan.json"
 SUMMARY = "_summary.json"
+RUN = "_run"
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _FIELD = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -209,6 +210,8 @@ class StageOutput:
     """Where one stage of one dataset lives, and what of it is done."""
 
     uri: str
+    run_id: str = ""
+    """Set by the runner for the run that currently owns the output (see write_fence)."""
 
     @classmethod
     def of(cls, storage_root: str, dataset: str, stage: str) -> "StageOutput":
@@ -223,6 +226,13 @@ class StageOutput:
     def shard_indices(self) -> list[int]:
         """Indices of the tars present (complete or not)."""
         return sorted(int(m.group(1)) for m in map(_SHARD.match, storage.list_names(self.uri)) if m)
+
+    def write_fence(self) -> None:
+        storage.atomic_write(storage.join(self.uri, RUN), self.run_id)
+
+    def read_fence(self) -> str | None:
+        uri = storage.join(self.uri, RUN)
+        return storage.read_text(uri) if storage.exists(uri) else None
 
     def write_plan(self, plan: StagePlan) -> None:
         storage.atomic_write(storage.join(self.uri, PLAN), plan.to_json())

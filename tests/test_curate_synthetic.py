@@ -86,3 +86,21 @@ def test_one_failing_shard_does_not_sink_the_others(ray_session, write_config):
     assert output.read_summary()["shards_missing"] == [1]
     summary = run_stage(stage.inner, output, config.cluster)
     assert summary["shards_missing"] == [] and summary["samples_out"] == 23
+
+
+def test_a_task_orphaned_by_an_older_run_cannot_overwrite_the_newer_runs_output(ray_session, write_config):
+    import dataclasses
+
+    from curation.sources.synthetic import SyntheticStage
+    from shardkit.runner import StaleRunError, _run_one
+
+    config = load_config(write_config(DATASET))
+    curate(config, "syn")
+    fetched = StageOutput.of(config.storage.root, "syn", "fetched")
+    before = open(fetched.shard_uri(1), "rb").read()
+    stale = dataclasses.replace(fetched, run_id="an-old-run")  # the current fence is the last run's id
+    stage = SyntheticStage("syn", load_config(write_config(DATASET), ["datasets.syn.seed=99"]).dataset("syn"))
+    with pytest.raises(StaleRunError):
+        _run_one(stage, stage.tasks()[1], stale)
+    assert open(fetched.shard_uri(1), "rb").read() == before
+    assert not [n for n in os.listdir(fetched.uri) if "staged" in n]
