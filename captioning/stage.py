@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from typing import Any
 
 from PIL import Image
@@ -17,8 +16,8 @@ from PIL import Image
 from captioning.prompts import user_prompt
 from shardkit import pipeline
 from shardkit.config import CaptionerConfig, PipelinesConfig
-from shardkit.runner import PoolSpec, ShardTask, run_stage
-from shardkit.shards import BASE_FIELDS, IMAGE, Failure, Sample, ShardRecord, StageOutput, StagePlan, read_shard, write_shard
+from shardkit.runner import PoolSpec, ShardTask, map_shard_in_batches, run_stage
+from shardkit.shards import BASE_FIELDS, IMAGE, Failure, Sample, ShardRecord, StageOutput, StagePlan
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +67,16 @@ class CaptionStage:
     def run_shard(self, task: ShardTask, shard_uri: str) -> ShardRecord:
         if self.captioner is None:
             self.setup()
-        started = time.monotonic()
-        samples = list(read_shard(self.source.shard_uri(task.index)))
-        failures: list[Failure] = []
-        counters: dict[str, int] = {}
-        out: list[Sample] = []
-        batch = self.cfg.batch_size
-        for number, first in enumerate(range(0, len(samples), batch)):
-            chunk = samples[first:first + batch]
-            seed = self.cfg.generation.seed + task.index * 100_003 + number
-            out += self._caption_batch(chunk, seed, failures, counters)
-        written = write_shard(shard_uri, out)
-        counters["generate_ms"] = int(self.captioner.generate_seconds * 1000)
+
+        def caption_batch(chunk: list[Sample], number: int, failures: list[Failure], counters: dict[str, int]) -> list[Sample]:
+            # seeded from the shard and batch number: the same captions whichever actor runs it
+            return self._caption_batch(chunk, self.cfg.generation.seed + task.index * 100_003 + number, failures, counters)
+
+        record = map_shard_in_batches(task.index, self.source.shard_uri(task.index), shard_uri, self.cfg.batch_size,
+                                      caption_batch)
+        record.counters["generate_ms"] = int(self.captioner.generate_seconds * 1000)
         self.captioner.generate_seconds = 0.0
-        return ShardRecord(task.index, samples_in=len(samples), samples_out=written,
-                           seconds=time.monotonic() - started, failures=failures, counters=dict(sorted(counters.items())))
+        return record
 
     def _caption_batch(self, chunk: list[Sample], seed: int, failures: list[Failure], counters: dict[str, int]) -> list[Sample]:
         ready: list[tuple[Sample, Image.Image, str]] = []

@@ -14,11 +14,11 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from shardkit import cluster, storage
 from shardkit.config import ClusterConfig
-from shardkit.shards import ShardRecord, StageOutput, StagePlan, summarise
+from shardkit.shards import Failure, Sample, ShardRecord, StageOutput, StagePlan, read_shard, summarise, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,22 @@ class ShardStage(Protocol):
     def tasks(self) -> list[ShardTask]: ...
 
     def run_shard(self, task: ShardTask, shard_uri: str) -> ShardRecord: ...
+
+
+def map_shard_in_batches(index: int, source_uri: str, shard_uri: str, batch_size: int,
+                         process: Callable[[list[Sample], int, list[Failure], dict[str, int]], list[Sample]]) -> ShardRecord:
+    """The body of a model stage's shard: input shard `index` in batches through
+    `process(batch, batch_number, failures, counters)`, the results written as one shard."""
+    started = time.monotonic()
+    samples = list(read_shard(source_uri))
+    failures: list[Failure] = []
+    counters: dict[str, int] = {}
+    out: list[Sample] = []
+    for number, first in enumerate(range(0, len(samples), batch_size)):
+        out += process(samples[first:first + batch_size], number, failures, counters)
+    written = write_shard(shard_uri, out)
+    return ShardRecord(index, samples_in=len(samples), samples_out=written, seconds=time.monotonic() - started,
+                       failures=failures, counters=dict(sorted(counters.items())))
 
 
 class StaleRunError(StageError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,8 @@ from PIL import Image
 
 from shardkit import pipeline, storage
 from shardkit.config import FeaturesConfig, PipelinesConfig, TextEncoderConfig, VaeConfig
-from shardkit.runner import PoolSpec, ShardTask, run_stage
-from shardkit.shards import CAPTION, IMAGE, META, Failure, Sample, ShardRecord, StageOutput, StagePlan, read_shard, write_shard
+from shardkit.runner import PoolSpec, ShardTask, map_shard_in_batches, run_stage
+from shardkit.shards import CAPTION, IMAGE, META, Failure, Sample, ShardRecord, StageOutput, StagePlan
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +160,8 @@ class FeatureStage:
     def run_shard(self, task: ShardTask, shard_uri: str) -> ShardRecord:
         if self.models is None:
             self.setup()
-        started = time.monotonic()
-        samples = list(read_shard(self.source.shard_uri(task.index)))
-        failures: list[Failure] = []
-        counters: dict[str, int] = {}
-        out: list[Sample] = []
-        for first in range(0, len(samples), self.cfg.batch_size):
-            out += self._batch(samples[first:first + self.cfg.batch_size], failures, counters)
-        written = write_shard(shard_uri, out)
-        return ShardRecord(task.index, len(samples), written, time.monotonic() - started, failures,
-                           dict(sorted(counters.items())))
+        return map_shard_in_batches(task.index, self.source.shard_uri(task.index), shard_uri, self.cfg.batch_size,
+                                    lambda chunk, _number, failures, counters: self._batch(chunk, failures, counters))
 
     def _batch(self, chunk: list[Sample], failures: list[Failure], counters: dict[str, int]) -> list[Sample]:
         ready = []
