@@ -36,7 +36,17 @@ class Captioner:
         eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.revision = cfg.revision or getattr(self.model.config, "_commit_hash", None)
+        self.warm_up()
         self.generate_seconds = 0.0
+
+    def warm_up(self) -> None:
+        """One short generation at start-up: it proves the model, processor and template work
+        together before any shard is claimed, and moves first-call allocation out of the
+        shards' time."""
+        image = Image.new("RGB", (32, 32), (127, 127, 127))
+        inputs = self.prepare([image], ["Describe this image."])
+        with torch.inference_mode():
+            self.model.generate(**inputs, **{**self.generation_kwargs(), "max_new_tokens": 2})
 
     def generation_kwargs(self) -> dict:
         g = self.cfg.generation

@@ -9,6 +9,7 @@ keeps the rows of a smaller one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -222,12 +223,18 @@ def _links_text(tars: list[str], base_url: str) -> str:
 
 def write_sample_sam(
     out_dir: str | os.PathLike, count: int = 60, seed: int = 0, images_per_tar: int = 20, base_url: str | None = None,
+    image_sizes: tuple[tuple[int, int], ...] | None = None,
 ) -> dict[str, Any]:
-    """Write an SA-1B-like source (tars of jpg + annotation json, links file); returns source.json."""
+    """Write an SA-1B-like source (tars of jpg + annotation json, links file); returns source.json.
+    `image_sizes` overrides the small default sizes (e.g. SA-1B's ~1500x2250 for benchmarks)."""
     out = Path(out_dir)
     identity = {
         "kind": "sam", "count": count, "seed": seed, "images_per_tar": images_per_tar, "format_version": FORMAT_VERSION,
     }
+    options = SAM_OPTIONS
+    if image_sizes is not None:
+        identity["image_sizes"] = [list(size) for size in image_sizes]
+        options = dataclasses.replace(SAM_OPTIONS, image_sizes=tuple(tuple(size) for size in image_sizes))
     if _reuse_complete(out, identity, base_url):
         return read_source(out)  # type: ignore[return-value]
     (out / "source.json").unlink(missing_ok=True)
@@ -239,7 +246,7 @@ def write_sample_sam(
         members: list[tuple[str, bytes]] = []
         for i in range(start, min(count, start + images_per_tar)):
             image_id = i + 1  # SA-1B image ids start at 1
-            scene = sample_scene(np.random.default_rng((seed, i, 0)), SAM_OPTIONS)
+            scene = sample_scene(np.random.default_rng((seed, i, 0)), options)
             ann_rng = np.random.default_rng((seed, i, 1))
             annotations, ann_ids = [], []
             for k, mask in enumerate(render_masks(scene)):
