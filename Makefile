@@ -56,7 +56,11 @@ demo: setup
 	$(PY) -m training features sam-dense $(ARGS)
 	$(PY) -m training train stage2 $(ARGS)
 	$(PY) -m shardkit status $(ARGS)
-	@echo "demo outputs are under $$($(PY) -c 'from shardkit.config import load_config; print(load_config().storage.root)')"
+	@root=$$($(PY) -c 'from shardkit.config import load_config; print(load_config().storage.root)'); \
+	echo "demo outputs under $$root:"; \
+	echo "  noun report:      $$root/reports/nouns/nouns.md"; \
+	echo "  sample grids:     $$root/runs/stage2/samples/"; \
+	echo "  trained pipeline: $$root/runs/stage2/pipeline/ (PixArtAlphaPipeline.from_pretrained)"
 
 test: setup
 	$(PY) -m pytest -q

@@ -265,7 +265,8 @@ class StageConfig(Strict):
     model: str = "PixArt-tiny/2"
     """A size from training/models.py's registry."""
     init: str | None = None
-    """Start from a diffusers PixArt folder (another stage's export, or a released model)."""
+    """Start from a diffusers PixArt folder (another stage's export, or a released model), or
+    from one of our checkpoints (runs/<stage>/checkpoints/step_N: its EMA weights)."""
     learned_sigma: bool = True
     steps: int = Field(1000, gt=0)
     batch_size: int = Field(32, gt=0)

@@ -125,12 +125,17 @@ def test_training_resumes_after_a_kill_and_exports_a_working_pipeline(ray_sessio
 
 def test_two_workers_keep_identical_parameters(ray_session, write_config):
     config = load_config(_config(write_config, steps=6, workers=2, cpus_per_worker=1.0, checkpoint_every=6,
-                                 sample_every=100, log_every=3))
+                                 sample_every=100, log_every=3, grad_accum=2, grad_checkpointing=True))
     train(config, "s")
     run = os.path.join(config.storage.root, "runs", "s")
     ranks = [json.load(open(os.path.join(run, f"worker{r}.json"))) for r in (0, 1)]
     assert ranks[0]["parameters_sha256"] == ranks[1]["parameters_sha256"]
     assert ranks[0]["step"] == ranks[1]["step"] == 6
+    assert ranks[0]["position"] != ranks[1]["position"] or ranks[0]["position"]["consumed"] > 0
+    # a later stage can start from this run's checkpoint (its EMA weights)
+    follow = load_config(_config(write_config, steps=2, init=os.path.join(run, "checkpoints", "step_000006"),
+                                 sample_every=100, log_every=1), ["storage.root=" + config.storage.root + "-next"])
+    assert train(follow, "s")["last_loss"] is not None
 
 
 def test_bad_training_input_is_a_clear_error(ray_session, write_config, tmp_path):

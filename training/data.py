@@ -35,6 +35,8 @@ class FeatureReader:
         self.stage, self.rank, self.world = stage, rank, world
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.position = position or Position()
+        self.skipped = 0
+        """Samples without features (a damaged shard): skipped, counted in the logged metrics."""
         self.shards = sorted(stage.complete_shards())
         if len(self.shards) < world:
             raise ValueError(f"{stage.uri}: {len(self.shards)} shards cannot feed {world} workers disjointly")
@@ -61,6 +63,7 @@ class FeatureReader:
                     continue  # already trained on before the restart: skipped undecoded
                 if VAE_FIELD not in sample.fields or TEXT_FIELD not in sample.fields:
                     log.warning("%s: no features, skipped", sample.key)
+                    self.skipped += 1
                     self.position.consumed += 1
                     continue
                 self.position.consumed += 1

@@ -89,8 +89,8 @@ def _check_init(cfg: StageConfig, ctx: dict[str, Any]) -> None:
     """Refuse, before any worker starts, a starting model that cannot read these features."""
     from diffusers import PixArtTransformer2DModel
 
-    if not cfg.init:
-        return
+    if not cfg.init or os.path.exists(os.path.join(cfg.init, "state.pt")):
+        return  # a checkpoint of ours: built from the registry with these features' sizes
     model_cfg = PixArtTransformer2DModel.load_config(_init_folder(cfg.init))
     if model_cfg["caption_channels"] != ctx["caption_channels"]:
         raise TrainingError(f"{cfg.init}: the model takes {model_cfg['caption_channels']}-dim captions, the features "
@@ -101,13 +101,23 @@ def _check_init(cfg: StageConfig, ctx: dict[str, Any]) -> None:
 
 
 def _build_model(ctx: dict[str, Any]):  # -> PixArtTransformer2DModel
+    """From `init` (one of our checkpoints, a diffusers pipeline or transformer folder) or new."""
     from diffusers import PixArtTransformer2DModel
 
-    from training.models import build_transformer
-
     cfg = StageConfig(**ctx["stage"])
+    if cfg.init and os.path.exists(os.path.join(cfg.init, "state.pt")):
+        # one of our checkpoints: the registry model with the checkpoint's EMA weights
+        model = _build_registry_model(cfg, ctx)
+        model.load_state_dict(checkpoint.load(cfg.init, rank=-1)[0]["ema"])
+        return model
     if cfg.init:
         return PixArtTransformer2DModel.from_pretrained(_init_folder(cfg.init))
+    return _build_registry_model(cfg, ctx)
+
+
+def _build_registry_model(cfg: StageConfig, ctx: dict[str, Any]):  # -> PixArtTransformer2DModel
+    from training.models import build_transformer
+
     return build_transformer(cfg.model, resolution=ctx["resolution"], latent_channels=ctx["latent_channels"],
                              caption_channels=ctx["caption_channels"], learned_sigma=cfg.learned_sigma,
                              vae_scale_factor=ctx["vae_scale_factor"], seed=cfg.seed)
@@ -232,6 +242,7 @@ def worker_loop(ctx: dict[str, Any]) -> None:
                        "mse": float(np.mean([p["mse"] for p in losses])), "lr": scheduler.get_last_lr()[0],
                        "grad_norm": grad_norm, "images_per_s": round(rate, 2),
                        "tflops_per_s": round(rate * flops / 1e12, 4), "skipped_nan": skipped_nan,
+                       "skipped_samples": reader.skipped,
                        "epoch": reader.position.epoch}
             if peak:
                 metrics["mfu"] = round(rate * flops / (peak * world), 4)
