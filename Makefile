@@ -32,7 +32,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup demo test bench sources curate caption nouns features train-stage2 validate status config lock clean require-dataset
+.PHONY: setup demo test bench sources curate caption nouns features train-stage2 import-dit validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -82,6 +82,11 @@ features: setup
 
 train-stage2: setup
 	$(PY) -m training train stage2 $(ARGS)
+
+# DiT weights (diffusers folder or original .pt) into a PixArt transformer, the paper's way
+import-dit: setup
+	@test -n "$(SRC)" -a -n "$(DST)" || { echo "error: make import-dit SRC=<dit folder or .pt> DST=<folder> [CAPTION_CHANNELS=4096]"; exit 2; }
+	$(PY) -m training.dit_import $(SRC) $(DST) --caption-channels $(or $(CAPTION_CHANNELS),4096)
 
 caption: setup require-dataset
 	$(PY) -m captioning caption $(DATASETS) $(if $(CAPTIONER),--captioner $(CAPTIONER)) $(ARGS)
