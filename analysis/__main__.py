@@ -10,7 +10,7 @@ from typing import Sequence
 from analysis.job import count_rows, find_rows
 from analysis.nouns import load_nlp
 from analysis.report import write_report
-from shardkit.cli import add_config_arguments, config_from_args, run_main, setup_logging
+from shardkit.cli import config_from_args, dispatch, run_main
 from shardkit.config import ConfigError
 
 log = logging.getLogger("analysis")
@@ -53,10 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     nouns.add_argument("--datasets", help="comma-separated (default: every dataset with captions)")
     nouns.add_argument("--fields", help="comma-separated caption fields, e.g. txt,tiny-llava (default: all)")
     nouns.set_defaults(handler=_nouns)
-    add_config_arguments(nouns)
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    return args.handler(args)
+    return dispatch(parser, [nouns], argv)
 
 
 if __name__ == "__main__":

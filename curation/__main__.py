@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from curation import generated
 from curation.curate import curate
-from shardkit.cli import add_config_arguments, config_from_args, run_main, setup_logging
+from shardkit.cli import config_from_args, dispatch, run_main
 from shardkit.config import LaionSource
 
 log = logging.getLogger("curation")
@@ -85,11 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="serve a generated sample source until interrupted")
     serve.add_argument("dataset")
     serve.set_defaults(handler=_serve)
-    for sub in (sources, run, serve):
-        add_config_arguments(sub)
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    return args.handler(args)
+    return dispatch(parser, [sources, run, serve], argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,16 @@ def config_from_args(args: argparse.Namespace) -> PipelinesConfig:
     return load_config(args.config, args.overrides)
 
 
+def dispatch(parser: argparse.ArgumentParser, subcommands: Sequence[argparse.ArgumentParser],
+             argv: Sequence[str] | None) -> int:
+    """Give every subcommand the config arguments, parse, set up logging, run its handler."""
+    for sub in subcommands:
+        add_config_arguments(sub)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return args.handler(args)
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

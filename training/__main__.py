@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Sequence
 
-from shardkit.cli import add_config_arguments, config_from_args, run_main, setup_logging
+from shardkit.cli import config_from_args, dispatch, run_main
 
 log = logging.getLogger("training")
 
@@ -45,11 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("stage")
     train.add_argument("--restart", action="store_true", help="discard the run's checkpoints and start over")
     train.set_defaults(handler=_train)
-    for sub in (features, train):
-        add_config_arguments(sub)
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    return args.handler(args)
+    return dispatch(parser, [features, train], argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from img2dataset.downloader import Downloader
+
+# img2dataset imports albumentations, which asks the network for a newer version at import
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from img2dataset.downloader import Downloader  # noqa: E402
 
 from curation.fetch import Candidate, FetchStage, ShardBuilder
 from curation.urls import check_url, guarded_urlopen
