@@ -133,8 +133,6 @@ class _Progress:
 def run_stage(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterConfig,
               restart: bool = False, max_in_flight: int | None = None) -> dict[str, Any]:
     """Make every missing shard of `output`, then write and return the stage summary."""
-    import ray
-
     started = time.monotonic()
     plan = stage.plan()
     if restart and storage.exists(output.uri):

@@ -18,7 +18,7 @@ from captioning.stage import caption, stage_name
 from captioning.tiny_models import build_tiny_llava
 from curation.sample import make_sample
 from shardkit.config import load_config
-from shardkit.shards import ShardRecord, StageOutput, StagePlan, make_key, read_shard, summarise, write_shard
+from shardkit.shards import ShardRecord, StageOutput, StagePlan, make_key, summarise, write_shard
 from shardkit.validate import validate_stage
 from tests.conftest import REPO
 from tests.imaging import jpeg_bytes

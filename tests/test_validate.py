@@ -1,6 +1,5 @@
 import os
 
-import pytest
 
 from curation.sample import make_sample
 from shardkit.shards import (

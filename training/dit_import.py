@@ -203,7 +203,6 @@ def _original_to_diffusers(sd: dict[str, torch.Tensor], depth: int) -> tuple[dic
 
 
 def _load_original(path: Path, num_heads: int | None) -> _Source:
-    import torch
     from diffusers import DiTTransformer2DModel
 
     sd = _read_original(path)

@@ -8,6 +8,7 @@ config only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -208,7 +209,7 @@ def worker_loop(ctx: dict[str, Any]) -> None:
             noise = torch.randn_like(x0)
             x_t = diffusion.q_sample(x0, t, noise)
             sync = micro == cfg.grad_accum - 1 or not hasattr(ddp_model, "no_sync")
-            context = ddp_model.no_sync() if not sync else _nullcontext()
+            context = ddp_model.no_sync() if not sync else contextlib.nullcontext()
             with context, torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 out = ddp_model(x_t, encoder_hidden_states=batch["text"].to(device),
                                 encoder_attention_mask=batch["mask"].to(device), timestep=t,
@@ -286,14 +287,6 @@ def _lock_run(layout: RunLayout, timeout_s: float = 300.0):  # -> an open file h
             if time.monotonic() > deadline:
                 raise TrainingError(f"{layout.root} is in use by another training process") from None
             time.sleep(0.5)
-
-
-class _nullcontext:
-    def __enter__(self):  # noqa: ANN204
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _drop_captions(batch: dict[str, torch.Tensor], null_text: torch.Tensor, probability: float) -> dict[str, torch.Tensor]:
