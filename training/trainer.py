@@ -389,6 +389,9 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
         shutil.rmtree(layout.root)
     os.makedirs(layout.root, exist_ok=True)
     found = checkpoint.latest(layout.checkpoints)
+    if found and found[0] >= cfg.steps and os.path.exists(os.path.join(layout.export, "model_index.json")):
+        log.info("%s: already trained to step %d and exported to %s", stage, found[0], layout.export)
+        return _summary(stage, cfg, layout, found, seconds=0.0)
     vae_config = AutoencoderKL.load_config(vae_cfg.model)
     embeds, masks = _prompt_embeddings(text_cfg, cfg.validation_prompts)
     ctx = {
@@ -418,13 +421,17 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise TrainingError(f"{stage}: training failed: {lines[-1] if lines else exc}; rerun to resume "
                             f"from the last checkpoint") from exc
-    metrics = [json.loads(line) for line in open(layout.metrics)] if os.path.exists(layout.metrics) else []
-    summary = {"stage": stage, "steps": cfg.steps, "first_loss": metrics[0]["loss"] if metrics else None,
-               "last_loss": metrics[-1]["loss"] if metrics else None, "seconds": round(time.monotonic() - started, 1),
-               "pipeline": layout.export, "samples": layout.samples, "resumed_from": found[0] if found else 0}
+    summary = _summary(stage, cfg, layout, found, seconds=time.monotonic() - started)
     log.info("%s: %d steps, loss %s -> %s, %.0f s; pipeline %s", stage, cfg.steps, summary["first_loss"],
              summary["last_loss"], summary["seconds"], layout.export)
     return summary
+
+
+def _summary(stage: str, cfg: StageConfig, layout: RunLayout, resumed: tuple[int, str] | None, seconds: float) -> dict[str, Any]:
+    metrics = [json.loads(line) for line in open(layout.metrics)] if os.path.exists(layout.metrics) else []
+    return {"stage": stage, "steps": cfg.steps, "first_loss": metrics[0]["loss"] if metrics else None,
+            "last_loss": metrics[-1]["loss"] if metrics else None, "seconds": round(seconds, 1),
+            "pipeline": layout.export, "samples": layout.samples, "resumed_from": resumed[0] if resumed else 0}
 
 
 def _trim_metrics(layout: RunLayout, step: int) -> None:
