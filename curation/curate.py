@@ -8,13 +8,13 @@ import logging
 from typing import Any, Callable
 
 from curation import generated
-from curation.dedup import DedupStage
+from curation.dedup import DedupStage, find_drops
 from curation.fetch import STAGE as FETCHED, FetchStage
 from curation.sources.folder import FolderStage
 from curation.sources.laion import LaionStage
 from curation.sources.sam import SamStage
 from curation.sources.synthetic import SyntheticStage
-from shardkit import storage
+from shardkit import cluster, storage
 from shardkit.config import FolderSource, LaionSource, PipelinesConfig, SamSource, SyntheticSource
 from shardkit.runner import run_stage
 from shardkit.shards import StageOutput
@@ -55,7 +55,8 @@ def curate(config: PipelinesConfig, dataset: str, restart: bool = False) -> dict
     with serving:
         stage = SOURCE_STAGES[type(cfg)](dataset, cfg, config.storage.root)
         fetch_summary = run_stage(stage, fetched, config.cluster, restart=restart)
-    dedup = DedupStage(dataset, fetched, cfg.filters)
+    cluster.connect(config.cluster)
+    dedup = DedupStage(dataset, fetched, cfg.filters, drops=find_drops(fetched, cfg.filters))
     summary = run_stage(dedup, shards_output(config, dataset), config.cluster, restart=restart)
     combined = {
         "dataset": dataset, "shards": summary["shards_complete"], "samples_in": fetch_summary["samples_in"],

@@ -57,31 +57,80 @@ def find_duplicates(entries: list[tuple[str, str, int]], exact: bool, near_dista
     return drops
 
 
+PARTITIONS = 16
+"""Exact dedup runs as this many Ray tasks, each holding the hashes of one range of sha256
+prefixes: memory per worker is 1/PARTITIONS of the dataset's hash index."""
+
+
+def _prefix_range(part: int, parts: int) -> tuple[str, str | None]:
+    lo, hi = part * 256 // parts, (part + 1) * 256 // parts
+    return f"{lo:02x}", (f"{hi:02x}" if hi < 256 else None)
+
+
+def exact_duplicates_in_partition(index_uris: list[str], part: int, parts: int) -> list[tuple[int, str]]:
+    """(shard, key) of every sample whose pixel hash, in this partition's prefix range, was
+    seen at an earlier (shard, key). Index files are sorted by hash, so the range filter skips
+    most of each file by its row-group statistics."""
+    import pyarrow.parquet as pq
+
+    lo, hi = _prefix_range(part, parts)
+    filters = [("pixel_sha256", ">=", lo)] + ([("pixel_sha256", "<", hi)] if hi else [])
+    rows = []
+    for shard, uri in enumerate(index_uris):
+        fs, path = storage.filesystem(uri)
+        table = pq.read_table(path, columns=["key", "pixel_sha256"], filters=filters, filesystem=fs)
+        rows += [(sha, shard, key) for key, sha in zip(table.column("key").to_pylist(), table.column("pixel_sha256").to_pylist())]
+    rows.sort()
+    return [(shard, key) for (sha, shard, key), previous in zip(rows[1:], rows) if sha == previous[0]]
+
+
+def find_drops(fetched: StageOutput, filters: FilterConfig) -> dict[int, dict[str, str]]:
+    """shard -> {key: reason} for the whole dataset (Ray must be connected)."""
+    import ray
+
+    plan = fetched.read_plan()
+    if plan is None or not fetched.is_complete():
+        raise ValueError(f"{fetched.uri} is not complete: fetch before dedup")
+    started = time.monotonic()
+    uris = [index_uri(fetched.uri, shard) for shard in range(plan.num_shards)]
+    drops: dict[int, dict[str, str]] = {}
+    if filters.dedup_exact:
+        remote = ray.remote(exact_duplicates_in_partition).options(num_cpus=1)
+        for found in ray.get([remote.remote(uris, part, PARTITIONS) for part in range(PARTITIONS)]):
+            for shard, key in found:
+                drops.setdefault(shard, {})[key] = EXACT
+    near = 0
+    if filters.near_duplicate_distance is not None:
+        # near duplicates need every remaining pHash in one place: 8 bytes of hash plus the key
+        # per image on one worker (the driver), the one part of curation that grows with the dataset
+        entries = []
+        for shard, uri in enumerate(uris):
+            table = storage.read_parquet(uri, columns=["key", "phash"])
+            entries += [(shard, key, phash) for key, phash in zip(table.column("key").to_pylist(), table.column("phash").to_pylist())
+                        if key not in drops.get(shard, {})]
+        entries.sort()
+        shard_of = {key: shard for shard, key, _ in entries}
+        found = find_duplicates([(key, "", phash) for _, key, phash in entries], False, filters.near_duplicate_distance)
+        for key, reason in found.items():
+            drops.setdefault(shard_of[key], {})[key] = reason
+        near = len(found)
+    exact = sum(r == EXACT for d in drops.values() for r in d.values())
+    log.info("%s: dedup found %d exact and %d near duplicates in %.2f s", plan.dataset, exact, near,
+             time.monotonic() - started)
+    return drops
+
+
 @dataclass
 class DedupStage:
     dataset: str
     fetched: StageOutput
     filters: FilterConfig
-    task_cpus: float = 1.0
     drops: dict[int, dict[str, str]] = field(default_factory=dict)
+    """From find_drops: computed once in the driver, each shard's part sent with its task."""
+    task_cpus: float = 1.0
 
     def __post_init__(self) -> None:
         self.fetched_plan = self.fetched.read_plan()
-        if self.fetched_plan is None or not self.fetched.is_complete():
-            raise ValueError(f"{self.fetched.uri} is not complete: fetch before dedup")
-        started = time.monotonic()
-        entries, shard_of = [], {}
-        for shard in range(self.fetched_plan.num_shards):
-            table = storage.read_parquet(index_uri(self.fetched.uri, shard))
-            for key, sha, phash in zip(*(table.column(c).to_pylist() for c in ("key", "pixel_sha256", "phash"))):
-                entries.append((key, sha, phash))
-                shard_of[key] = shard
-        found = find_duplicates(entries, self.filters.dedup_exact, self.filters.near_duplicate_distance)
-        for key, reason in found.items():
-            self.drops.setdefault(shard_of[key], {})[key] = reason
-        log.info("%s: dedup over %d samples found %d exact and %d near duplicates in %.2f s", self.dataset,
-                 len(entries), sum(r == EXACT for r in found.values()), sum(r == NEAR for r in found.values()),
-                 time.monotonic() - started)
 
     def plan(self) -> StagePlan:
         return StagePlan(

@@ -110,14 +110,15 @@ class ShardBuilder:
         """Write the shard (in key order, whatever order downloads finished in) and its hash
         index; the runner writes the record after this returns."""
         written = write_shard(shard_uri, (self.samples[k] for k in sorted(self.samples)))
-        self.hashes.sort()
+        # sorted by hash: dedup reads hash ranges, and row-group statistics let it skip the rest
+        self.hashes.sort(key=lambda h: h[1])
         table = pa.table(
             {"key": [h[0] for h in self.hashes], "pixel_sha256": [h[1] for h in self.hashes],
              "phash": pa.array([h[2] for h in self.hashes], pa.uint64())},
             schema=INDEX_SCHEMA,
         )
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
+        pq.write_table(table, sink, row_group_size=1024)
         storage.atomic_write(index_uri(stage_uri, self.shard), sink.getvalue().to_pybytes())
         return ShardRecord(self.shard, samples_in=self.seen, samples_out=written,
                            seconds=time.monotonic() - self.started, failures=self.failures,
