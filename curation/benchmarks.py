@@ -238,6 +238,17 @@ def _http_rate(urls: list[str], processes: int, repeat: int = 2) -> float:
     return round(best, 1)
 
 
+def _curate_and_count(cfg, name: str, found: dict[str, list[int]], stage_times: list[dict[str, float]]) -> int:  # noqa: ANN001
+    """Our side of a run: curate from scratch, record stage times and counts, return the
+    images fetched (the baseline writes everything it fetched, so that is the comparable count)."""
+    summary = curate(cfg, name, restart=True)
+    stage_times.append(_stage_times(cfg, name) | {"total_s": summary["seconds"]})
+    fetched = _count_jpgs(StageOutput.of(cfg.storage.root, name, FETCHED).uri)
+    found["ours"].append(fetched)
+    found["ours_after_dedup"].append(_count_jpgs(StageOutput.of(cfg.storage.root, name, "shards").uri))
+    return fetched
+
+
 def laion_curation(config: PipelinesConfig, workdir: str) -> BenchResult:
     source = os.path.join(workdir, "source")
     samples.write_sample_laion(source, count=LAION_COUNT, seed=SEED)
@@ -259,12 +270,8 @@ def laion_curation(config: PipelinesConfig, workdir: str) -> BenchResult:
                 "source": "laion", "parquet": parquet, "allow_private_urls": True,
                 "samples_per_shard": LAION_PER_SHARD, "threads": LAION_THREADS, "timeout_s": LAION_TIMEOUT_S})
             before = _listen_overflows()
-            summary = curate(cfg, name, restart=True)
+            fetched = _curate_and_count(cfg, name, found, stage_times)
             overflows["ours"].append(_listen_overflows() - before)
-            stage_times.append(_stage_times(cfg, name) | {"total_s": summary["seconds"]})
-            fetched = _count_jpgs(StageOutput.of(cfg.storage.root, name, FETCHED).uri)
-            found["ours"].append(fetched)
-            found["ours_after_dedup"].append(_count_jpgs(StageOutput.of(cfg.storage.root, name, "shards").uri))
             return fetched
 
         def baseline(i: int) -> int:
@@ -376,12 +383,7 @@ def sam_ingestion(config: PipelinesConfig, workdir: str) -> BenchResult:
 
     def ours(i: int) -> int:
         cfg = _curation_config(config, os.path.join(workdir, f"ours-{i}"), name, {"source": "sam", "tars": www})
-        summary = curate(cfg, name, restart=True)
-        stage_times.append(_stage_times(cfg, name) | {"total_s": summary["seconds"]})
-        fetched = _count_jpgs(StageOutput.of(cfg.storage.root, name, FETCHED).uri)
-        found["ours"].append(fetched)
-        found["ours_after_dedup"].append(_count_jpgs(StageOutput.of(cfg.storage.root, name, "shards").uri))
-        return fetched
+        return _curate_and_count(cfg, name, found, stage_times)
 
     def baseline(i: int) -> int:
         written = _plain_sam(tars, os.path.join(workdir, f"plain-{i}.tar"))
