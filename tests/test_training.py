@@ -118,7 +118,7 @@ def test_training_resumes_after_a_kill_and_exports_a_working_pipeline(ray_sessio
     assert losses[-1] < losses[0]
     assert os.path.exists(os.path.join(run, "samples", "step_000040.png"))  # the final grid
     worker = json.load(open(os.path.join(run, "worker0.json")))
-    assert worker["step"] == 40 and worker["position"]["consumed"] > 0
+    assert worker["step"] == 40 and worker["position"]["batches"] + worker["position"]["epoch"] > 0
     images = generate(summary["pipeline"], ["A large red circle in the center."], height=32, width=32, steps=3)
     assert images[0].size == (32, 32)
 
@@ -131,7 +131,7 @@ def test_two_workers_keep_identical_parameters(ray_session, write_config):
     ranks = [json.load(open(os.path.join(run, f"worker{r}.json"))) for r in (0, 1)]
     assert ranks[0]["parameters_sha256"] == ranks[1]["parameters_sha256"]
     assert ranks[0]["step"] == ranks[1]["step"] == 6
-    assert ranks[0]["position"] != ranks[1]["position"] or ranks[0]["position"]["consumed"] > 0
+    assert ranks[0]["position"] != ranks[1]["position"] or ranks[0]["position"]["batches"] > 0
     # a later stage can start from this run's checkpoint (its EMA weights)
     follow = load_config(_config(write_config, steps=2, init=os.path.join(run, "checkpoints", "step_000006"),
                                  sample_every=100, log_every=1), ["storage.root=" + config.storage.root + "-next"])

@@ -379,28 +379,22 @@ def _notes(source: _Source, norm_eps: float) -> list[str]:
 
 
 # --------------------------------------------------------------------------- entry points
-def import_dit(src: str | os.PathLike, dst: str | os.PathLike, *, caption_channels: int,
-               null_class: int | None = None, t: int = PAPER_T, num_heads: int | None = None,
-               norm_eps: float | None = None, seed: int = 0, check: bool = True) -> ImportReport:
-    """Import DiT weights from ``src`` (a diffusers ``DiTTransformer2DModel`` folder or an
-    original DiT ``.pt``) as a ``PixArtTransformer2DModel`` saved in ``dst`` (atomically, with
-    ``import_report.json``), reparameterised so that at timestep ``t`` PixArt with any caption
-    reproduces DiT for class ``null_class`` (default: the null class, ``num_classes``).
+def convert_dit(src: str | os.PathLike, *, caption_channels: int, null_class: int | None = None, t: int = PAPER_T,
+                num_heads: int | None = None, norm_eps: float | None = None, seed: int = 0,
+                check: bool = True) -> tuple[PixArtTransformer2DModel, ImportReport]:
+    """DiT weights from ``src`` (a diffusers ``DiTTransformer2DModel`` folder or an original
+    DiT ``.pt``) as a ``PixArtTransformer2DModel`` in memory, reparameterised so that at
+    timestep ``t`` PixArt with any caption reproduces DiT for class ``null_class`` (default:
+    the null class, ``num_classes``).
 
     ``caption_channels`` is the text encoder's d_model (4096 for T5-XXL). ``num_heads`` is
     needed only for an original checkpoint whose width is not one of DiT's sizes. ``seed``
     initialises the new tensors (cross-attention, caption projection). ``check`` runs both
     models once at ``t`` and records the largest output difference."""
-    from training.models import _write_folder
-
     if caption_channels < 1:
         raise ValueError(f"caption_channels must be positive, got {caption_channels}")
     if t < 0:
         raise ValueError(f"t must be a timestep >= 0, got {t}")
-    target = Path(dst)
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / REPORT).is_file())):
-        raise FileExistsError(f"{target} exists and holds no {REPORT}: not an import of ours")
-
     source = _load_source(src, num_heads)
     dit = source.model
     num_classes = dit.config.num_embeds_ada_norm
@@ -421,13 +415,28 @@ def import_dit(src: str | os.PathLike, dst: str | os.PathLike, *, caption_channe
     report.notes = _notes(source, norm_eps)
     if check:
         report.max_abs_diff = _check(dit, model, t, null_class, caption_channels)
+    log.info("%s", report.summary())
+    return model, report
+
+
+def import_dit(src: str | os.PathLike, dst: str | os.PathLike, *, caption_channels: int,
+               null_class: int | None = None, t: int = PAPER_T, num_heads: int | None = None,
+               norm_eps: float | None = None, seed: int = 0, check: bool = True) -> ImportReport:
+    """``convert_dit``, saved in ``dst`` (atomically, with ``import_report.json``)."""
+    from training.models import _write_folder
+
+    target = Path(dst)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / REPORT).is_file())):
+        raise FileExistsError(f"{target} exists and holds no {REPORT}: not an import of ours")
+    model, report = convert_dit(src, caption_channels=caption_channels, null_class=null_class, t=t,
+                                num_heads=num_heads, norm_eps=norm_eps, seed=seed, check=check)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / REPORT).write_text(json.dumps(report.to_json(), indent=2) + "\n")
 
     _write_folder(target, write)
-    log.info("%s; saved to %s", report.summary(), target)
+    log.info("saved to %s", target)
     return report
 
 

@@ -5,6 +5,12 @@ samples a fresh latent every time it sees the image, as PixArt does), and the T5
 of the valid tokens only, both in fp16 (bf16 if configured). At T5-XXL's 4096 dims and up
 to 120 tokens that is up to ~1 MB a caption padded, so padding is never stored: the trainer
 pads per batch. The caption used, its field and the image size go in the json.
+
+A class-conditional set (`label`, stage 1) stores the class id as `cls` instead of text. A
+`select` keeps only samples whose metadata meets its conditions (stage 3's high-quality
+subset; the others are recorded as `not_selected`). With `buckets`, each image is fitted to
+its nearest aspect-ratio bucket instead of a square crop, and its json records the bucket
+and the original size (PixArt's micro-conditions).
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from PIL import Image
 from shardkit import pipeline, storage
 from shardkit.config import FeaturesConfig, PipelinesConfig, TextEncoderConfig, VaeConfig
 from shardkit.runner import PoolSpec, ShardTask, map_shard_in_batches, run_stage
-from shardkit.shards import CAPTION, IMAGE, META, Failure, Sample, ShardRecord, StageOutput, StagePlan
+from shardkit.shards import CAPTION, IMAGE, META, Failure, Sample, ShardRecord, StageOutput, StagePlan, encode_meta
 
 log = logging.getLogger(__name__)
 
 VAE_FIELD = "vae.npy"
 TEXT_FIELD = "t5.npy"
+LABEL_FIELD = "cls"
+"""The class id as ASCII digits: webdataset's convention for ImageNet shards."""
 NULL_CAPTION = "_null_caption.npy"
 """T5 embedding of the empty caption: what caption dropout trains towards, and what the
 pipeline feeds as the unconditional input at sampling time."""
@@ -36,11 +44,58 @@ def stage_name(name: str) -> str:
 
 
 def caption_field(cfg: FeaturesConfig) -> str:
-    return CAPTION if cfg.caption == "txt" else f"{cfg.caption}.txt"
+    return CAPTION if cfg.caption in (None, "txt") else f"{cfg.caption}.txt"
 
 
 def input_stage(cfg: FeaturesConfig) -> str:
-    return "shards" if cfg.caption == "txt" else f"captions/{cfg.caption}"
+    return "shards" if cfg.caption in (None, "txt") else f"captions/{cfg.caption}"
+
+
+_MISSING = object()
+
+
+def lookup(meta: Any, path: str) -> Any:
+    """The value at a dotted path (`scene.objects.0.kind`) of a sample's json, or _MISSING."""
+    node = meta
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def rejection(cfg: FeaturesConfig, meta: dict) -> str | None:
+    """Why `select` leaves this sample out, or None to keep it."""
+    for condition in cfg.select:
+        value = lookup(meta, condition.field)
+        if value is _MISSING or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{condition.field}: no numeric value"
+        if condition.min is not None and value < condition.min:
+            return f"{condition.field} {value} < {condition.min}"
+        if condition.max is not None and value > condition.max:
+            return f"{condition.field} {value} > {condition.max}"
+    return None
+
+
+def class_id(cfg: FeaturesConfig, meta: dict) -> int:
+    value = lookup(meta, cfg.label.field)
+    if value is _MISSING:
+        raise LookupError(f"no {cfg.label.field}")
+    try:
+        return cfg.label.classes.index(str(value))
+    except ValueError:
+        raise LookupError(f"{cfg.label.field} {str(value)[:80]!r} is not one of the classes") from None
+
+
+def original_size(meta: dict, image: Image.Image) -> tuple[int, int]:
+    """(height, width) before curation resized it: PixArt's `img_hw` micro-condition."""
+    height, width = meta.get("original_height"), meta.get("original_width")
+    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
+        return height, width
+    return image.height, image.width
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -76,9 +131,11 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return resized.crop((left, top, left + size, top + size))
 
 
-def choose_caption(cfg: FeaturesConfig, sample: Sample) -> tuple[str, str]:
+def choose_caption(cfg: FeaturesConfig, sample: Sample) -> tuple[str | None, str]:
     """(field, text) for a sample: the configured caption, or with `alt_text_probability`
     the alt text, decided from the key so a rerun decides the same way."""
+    if cfg.caption is None:
+        return None, ""
     field = caption_field(cfg)
     if cfg.alt_text_probability > 0 and field != CAPTION:
         digest = hashlib.sha256(f"{cfg.seed}:{sample.key}".encode()).digest()
@@ -104,12 +161,18 @@ def load_vae(cfg: VaeConfig, device: str):
 
 
 class FeatureStage:
-    progress_counters = ("tokens",)
+    progress_counters: tuple[str, ...] = ("tokens",)
 
-    def __init__(self, name: str, cfg: FeaturesConfig, text_cfg: TextEncoderConfig, vae_cfg: VaeConfig,
+    def __init__(self, name: str, cfg: FeaturesConfig, text_cfg: TextEncoderConfig | None, vae_cfg: VaeConfig,
                  source: StageOutput, output_uri: str) -> None:
+        from training import buckets
+
         self.name, self.cfg, self.text_cfg, self.vae_cfg = name, cfg, text_cfg, vae_cfg
         self.source, self.output_uri = source, output_uri
+        if text_cfg is None:
+            self.progress_counters = ()
+        self.buckets = (buckets.buckets(cfg.resolution, cfg.buckets.ratios, cfg.buckets.multiple)
+                        if cfg.buckets is not None else None)
         self.num_shards = source.read_plan().num_shards
         self.task_cpus = cfg.num_cpus
         self.pool = PoolSpec(actors=cfg.actors, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
@@ -120,9 +183,18 @@ class FeatureStage:
 
     def plan(self) -> StagePlan:
         return StagePlan(dataset=self.cfg.dataset, stage=stage_name(self.name), num_shards=self.num_shards,
-                         input_stage=input_stage(self.cfg), fields=[META, CAPTION, VAE_FIELD, TEXT_FIELD],
-                         config={"features": self.cfg.model_dump(mode="json"), "text_encoder": self.text_cfg.model_dump(mode="json"),
+                         input_stage=input_stage(self.cfg), fields=self.fields(),
+                         config={"features": self.cfg.model_dump(mode="json"),
+                                 "text_encoder": self.text_cfg.model_dump(mode="json") if self.text_cfg else None,
                                  "vae": self.vae_cfg.model_dump(mode="json")})
+
+    def fields(self) -> list[str]:
+        fields = [META, VAE_FIELD]
+        if self.text_cfg is not None:
+            fields += [CAPTION, TEXT_FIELD]
+        if self.cfg.label is not None:
+            fields.append(LABEL_FIELD)
+        return fields
 
     def tasks(self) -> list[ShardTask]:
         return [ShardTask(i) for i in range(self.num_shards)]
@@ -131,10 +203,11 @@ class FeatureStage:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        tokenizer, encoder = load_text_encoder(self.text_cfg, device)
+        tokenizer, encoder = load_text_encoder(self.text_cfg, device) if self.text_cfg is not None else (None, None)
         self.models = (device, tokenizer, encoder, load_vae(self.vae_cfg, device))
-        null = self.encode_texts([""])[0]
-        storage.atomic_write(storage.join(self.output_uri, NULL_CAPTION), npy_bytes(null))
+        if self.text_cfg is not None:
+            null = self.encode_texts([""])[0]
+            storage.atomic_write(storage.join(self.output_uri, NULL_CAPTION), npy_bytes(null))
 
     def encode_texts(self, texts: list[str]) -> list[np.ndarray]:
         import torch
@@ -151,11 +224,27 @@ class FeatureStage:
         import torch
 
         device, _, _, vae = self.models
-        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images])
-        pixels = (pixels / 127.5 - 1.0).to(device, vae.dtype)
-        with torch.inference_mode():
-            posterior = vae.encode(pixels).latent_dist
-        return list(to_stored(torch.stack([posterior.mean, posterior.std], dim=1), self.cfg.dtype))
+        out: list[np.ndarray | None] = [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(image.size, []).append(i)  # a batch through the VAE has one size
+        for indices in by_size.values():
+            pixels = torch.stack([torch.from_numpy(np.asarray(images[i], dtype=np.float32)).permute(2, 0, 1) for i in indices])
+            pixels = (pixels / 127.5 - 1.0).to(device, vae.dtype)
+            with torch.inference_mode():
+                posterior = vae.encode(pixels).latent_dist
+            for i, stored in zip(indices, to_stored(torch.stack([posterior.mean, posterior.std], dim=1), self.cfg.dtype)):
+                out[i] = stored
+        return out
+
+    def fit(self, image: Image.Image) -> tuple[Image.Image, list[int] | None]:
+        """The square crop, or the image fitted to its nearest bucket, and that bucket's size."""
+        from training import buckets
+
+        if self.buckets is None:
+            return center_crop(image, self.cfg.resolution), None
+        bucket = buckets.nearest(self.buckets, image.height, image.width)
+        return buckets.fit(image, bucket), [bucket.height, bucket.width]
 
     def run_shard(self, task: ShardTask, shard_uri: str) -> ShardRecord:
         if self.models is None:
@@ -166,37 +255,63 @@ class FeatureStage:
     def _batch(self, chunk: list[Sample], failures: list[Failure], counters: dict[str, int]) -> list[Sample]:
         ready = []
         for sample in chunk:
+            meta = sample.meta
+            reason = rejection(self.cfg, meta)
+            if reason is not None:
+                failures.append(Failure(sample.key, "not_selected", reason))
+                continue
+            label = None
+            if self.cfg.label is not None:
+                try:
+                    label = class_id(self.cfg, meta)
+                except LookupError as exc:
+                    failures.append(Failure(sample.key, "no_label", str(exc)))
+                    continue
             try:
                 with Image.open(io.BytesIO(sample.fields[IMAGE])) as image:
-                    picture = center_crop(image.convert("RGB"), self.cfg.resolution)
+                    rgb = image.convert("RGB")
+                    picture, bucket = self.fit(rgb)
             except Exception as exc:  # noqa: BLE001 - a bad image is this sample's failure
                 failures.append(Failure(sample.key, "decode_error", str(exc)[:300]))
                 continue
-            ready.append((sample, picture, *choose_caption(self.cfg, sample)))
+            field, text = choose_caption(self.cfg, sample)
+            ready.append((sample, meta, picture, bucket, original_size(meta, rgb), label, field, text))
         if not ready:
             return []
-        latents = self.encode_images([r[1] for r in ready])
-        embeddings = self.encode_texts([r[3] for r in ready])
+        latents = self.encode_images([r[2] for r in ready])
+        embeddings = self.encode_texts([r[7] for r in ready]) if self.text_cfg is not None else [None] * len(ready)
         out = []
-        for (sample, _, field, text), latent, embedding in zip(ready, latents, embeddings):
-            counters["tokens"] = counters.get("tokens", 0) + len(embedding)
-            counters[f"caption:{field}"] = counters.get(f"caption:{field}", 0) + 1
-            meta = sample.meta
-            meta["features"] = {"name": self.name, "caption_field": field, "resolution": self.cfg.resolution,
-                                "vae": self.vae_cfg.model, "text_encoder": self.text_cfg.model,
-                                "tokens": len(embedding), "latent_shape": list(latent.shape[1:]), "dtype": self.cfg.dtype}
-            fields = sample.with_meta(meta).fields
-            out.append(Sample(sample.key, {META: fields[META], CAPTION: text.encode("utf-8"),
-                                           VAE_FIELD: npy_bytes(latent), TEXT_FIELD: npy_bytes(embedding)}))
+        for (sample, meta, _, bucket, size, label, field, text), latent, embedding in zip(ready, latents, embeddings):
+            info = {"name": self.name, "resolution": self.cfg.resolution, "vae": self.vae_cfg.model,
+                    "latent_shape": list(latent.shape[1:]), "dtype": self.cfg.dtype, "original_size": list(size)}
+            fields = {VAE_FIELD: npy_bytes(latent)}
+            if bucket is not None:
+                info["bucket"] = bucket
+                counters[f"bucket:{bucket[0]}x{bucket[1]}"] = counters.get(f"bucket:{bucket[0]}x{bucket[1]}", 0) + 1
+            if embedding is not None:
+                counters["tokens"] = counters.get("tokens", 0) + len(embedding)
+                counters[f"caption:{field}"] = counters.get(f"caption:{field}", 0) + 1
+                info.update(caption_field=field, text_encoder=self.text_cfg.model, tokens=len(embedding))
+                fields.update({CAPTION: text.encode("utf-8"), TEXT_FIELD: npy_bytes(embedding)})
+            if label is not None:
+                info["label"] = {"id": label, "name": self.cfg.label.classes[label]}
+                fields[LABEL_FIELD] = str(label).encode()
+            meta["features"] = info
+            out.append(Sample(sample.key, {META: encode_meta(meta), **fields}))
         return out
 
 
-def _ensure_tiny_models(config: PipelinesConfig, cfg: FeaturesConfig, corpus: list[str]) -> None:
+def _ensure_tiny_models(config: PipelinesConfig, cfg: FeaturesConfig) -> None:
+    from curation.synthetic import scenes
     from training import models
 
-    text_cfg, vae_cfg = config.training.text_encoders[cfg.text_encoder], config.training.vaes[cfg.vae]
-    if text_cfg.tiny is not None:
-        models.build_text_encoder(text_cfg.model, corpus=corpus, seed=text_cfg.tiny.seed)
+    text_cfg = config.training.text_encoders[cfg.text_encoder] if cfg.text_encoder else None
+    vae_cfg = config.training.vaes[cfg.vae]
+    if text_cfg is not None and text_cfg.tiny is not None:
+        # The tokenizer is trained on a fixed corpus (the synthetic grammar), never on this
+        # feature set's captions: every feature set sharing the encoder must get the same one.
+        models.build_text_encoder(text_cfg.model, corpus=scenes.corpus(2000, seed=text_cfg.tiny.seed),
+                                  seed=text_cfg.tiny.seed)
     if vae_cfg.tiny is not None:
         models.build_vae(vae_cfg.model, seed=vae_cfg.tiny.seed)
 
@@ -207,11 +322,10 @@ def extract(config: PipelinesConfig, name: str, restart: bool = False) -> dict[s
         raise ValueError(f"training.features: no feature set {name!r}; defined: {', '.join(config.training.features) or 'none'}")
     cfg = config.training.features[name]
     source = pipeline.ensure(config, cfg.dataset, input_stage(cfg))
-    corpus = [s.text(caption_field(cfg)) or s.text() for _, s in zip(range(2000), source.samples())]
-    _ensure_tiny_models(config, cfg, corpus)
+    _ensure_tiny_models(config, cfg)
     output = StageOutput.of(config.storage.root, cfg.dataset, stage_name(name))
-    stage = FeatureStage(name, cfg, config.training.text_encoders[cfg.text_encoder], config.training.vaes[cfg.vae],
-                         source, output.uri)
+    text_cfg = config.training.text_encoders[cfg.text_encoder] if cfg.text_encoder else None
+    stage = FeatureStage(name, cfg, text_cfg, config.training.vaes[cfg.vae], source, output.uri)
     summary = run_stage(stage, output, config.cluster, restart=restart)
     fs, _ = storage.filesystem(output.uri)
     bytes_total = sum(fs.size(storage.filesystem(output.shard_uri(i))[1]) for i in range(stage.num_shards))

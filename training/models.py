@@ -74,11 +74,26 @@ def PixArt_tiny_2(**overrides: Any) -> dict:
             "caption_channels": 64, **overrides}
 
 
+def PixArt_tiny_8(**overrides: Any) -> dict:
+    """PixArt-tiny with 8x8 patches: 16x16 tokens at sample size 128, which is where
+    PixArtAlphaPipeline feeds the micro-conditions; for CPU tests of that path."""
+    return PixArt_tiny_2(patch_size=8, **overrides)
+
+
 TRANSFORMERS: dict[str, Callable[..., dict]] = {
     "PixArt-XL/2": PixArt_XL_2,
     "PixArt-mini/2": PixArt_mini_2,
     "PixArt-tiny/2": PixArt_tiny_2,
+    "PixArt-tiny/8": PixArt_tiny_8,
 }
+# DiT's blocks at PixArt's sizes (stage 1 trains them class-conditionally): `DiT-XL/2` is
+# DiT-XL/2, the model PixArt-α starts from.
+TRANSFORMERS.update({name.replace("PixArt-", "DiT-"): factory for name, factory in list(TRANSFORMERS.items())})
+
+DIT_NUM_CLASSES = 1000
+"""A stage-1 DiT always has ImageNet's 1000 class rows (+ the null class 1000), whatever the
+dataset's class count: DiTPipeline hard-codes 1000 as the unconditional class, and DiT-XL/2's
+released weights load into it unchanged. Classes 0..k-1 are the dataset's."""
 
 
 def _architecture(name: str) -> dict:
@@ -207,6 +222,57 @@ def _small_normal_mlps(model: PixArtTransformer2DModel) -> list:
     if model.caption_projection is not None:
         mlps.append(model.caption_projection)
     return mlps
+
+
+def build_dit(name: str, *, resolution: int, latent_channels: int = 4, learned_sigma: bool = True,
+              vae_scale_factor: int = 8, seed: int = 0) -> Any:  # -> DiTTransformer2DModel
+    """A class-conditional diffusers ``DiTTransformer2DModel`` of registry size ``name`` with
+    DiT's initialisation (xavier linears, N(0, 0.02) class and timestep embeddings, zero
+    adaLN-Zero modulations and final layer), LayerNorm eps 1e-6 everywhere as the original
+    DiT (so that training/dit_import.py's reparameterisation is exact)."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+    from torch import nn
+
+    arch = _architecture(name)
+    config = {
+        "num_attention_heads": arch["num_attention_heads"], "attention_head_dim": arch["attention_head_dim"],
+        "num_layers": arch["num_layers"], "patch_size": arch["patch_size"],
+        "in_channels": latent_channels, "out_channels": 2 * latent_channels if learned_sigma else latent_channels,
+        "sample_size": _sample_size(resolution, vae_scale_factor, arch["patch_size"]),
+        "num_embeds_ada_norm": DIT_NUM_CLASSES, "norm_type": "ada_norm_zero", "norm_eps": 1e-6,
+        "activation_fn": "gelu-approximate", "attention_bias": True, "norm_elementwise_affine": False,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DiTTransformer2DModel(**config)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
+                    nn.init.zeros_(module.bias)
+            patch = model.pos_embed.proj.weight
+            nn.init.xavier_uniform_(patch.view(patch.shape[0], -1))
+            for block in model.transformer_blocks:
+                emb = block.norm1.emb
+                nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+                nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+                nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+                nn.init.zeros_(block.norm1.linear.weight)
+                nn.init.zeros_(block.norm1.linear.bias)
+            for layer in (model.proj_out_1, model.proj_out_2):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+    return model
+
+
+def disable_label_dropout(dit: Any) -> None:
+    """diffusers' DiT drops class labels inside every block, each block independently (its
+    ``LabelEmbedding``s draw their own coin at a hard-coded 10%). The trainer drops a sample's
+    label once, for all blocks, at its configured rate, as the original DiT does, so the
+    blocks' own dropout is switched off; the null-class row stays."""
+    for block in dit.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
 
 
 def num_parameters(model: Any, trainable_only: bool = False) -> int:
@@ -454,6 +520,34 @@ def export_pipeline(folder: str, *, transformer: Any, text_encoder_dir: str, vae
         raise FileExistsError(f"{target} is not empty and holds no pipeline")
     _write_folder(target, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     log.info("exported PixArtAlphaPipeline to %s", target)
+    return folder
+
+
+def export_dit_pipeline(folder: str, *, transformer: Any, vae_dir: str, classes: list[str],
+                        scheduler: Any = None) -> str:
+    """Save a ``DiTPipeline`` (stage 1's class-conditional model, the VAE, ``scheduler``) into
+    ``folder``; ``id2label`` (class id → name) goes into model_index.json, where
+    ``DiTPipeline.from_pretrained`` reads it back (``pipe.labels``, ``get_label_ids``)."""
+    from diffusers import AutoencoderKL, DiTPipeline
+
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    if transformer.config.in_channels != vae.config.latent_channels:
+        raise ValueError(f"transformer in_channels {transformer.config.in_channels} != VAE latent_channels "
+                         f"{vae.config.latent_channels}")
+    id2label = {str(i): name for i, name in enumerate(classes)}
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler if scheduler is not None else default_scheduler(),
+                       id2label=id2label)
+    target = Path(folder)
+    if target.exists() and any(target.iterdir()) and not (target / "model_index.json").is_file():
+        raise FileExistsError(f"{target} is not empty and holds no pipeline")
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        (tmp / "model_index.json").write_text(json.dumps({**index, "id2label": id2label}, indent=2) + "\n")
+
+    _write_folder(target, write)
+    log.info("exported DiTPipeline (%d classes) to %s", len(classes), target)
     return folder
 
 

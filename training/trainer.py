@@ -26,9 +26,11 @@ import torch
 from shardkit import cluster, pipeline, storage
 from shardkit.config import PipelinesConfig, StageConfig
 from shardkit.shards import StageOutput
-from training import checkpoint
-from training.data import FeatureReader, Position, collate
+from training import checkpoint, start
+from training.conditioning import CONDITIONINGS
+from training.data import FeatureReader, Position
 from training.diffusion import Diffusion
+from training.models import DIT_NUM_CLASSES
 from training.features import NULL_CAPTION, from_stored, load_text_encoder, npy_array, stage_name
 
 log = logging.getLogger(__name__)
@@ -81,53 +83,10 @@ def _peak_flops(cfg: StageConfig, device: torch.device) -> float | None:
     return None
 
 
-def _init_folder(init: str) -> str:
-    """A diffusers pipeline folder's transformer, or a transformer folder itself."""
-    return os.path.join(init, "transformer") if os.path.isdir(os.path.join(init, "transformer")) else init
-
-
-def _check_init(cfg: StageConfig, ctx: dict[str, Any]) -> None:
-    """Refuse, before any worker starts, a starting model that cannot read these features."""
-    from diffusers import PixArtTransformer2DModel
-
-    if not cfg.init or os.path.exists(os.path.join(cfg.init, "state.pt")):
-        return  # a checkpoint of ours: built from the registry with these features' sizes
-    model_cfg = PixArtTransformer2DModel.load_config(_init_folder(cfg.init))
-    if model_cfg["caption_channels"] != ctx["caption_channels"]:
-        raise TrainingError(f"{cfg.init}: the model takes {model_cfg['caption_channels']}-dim captions, the features "
-                            f"hold {ctx['caption_channels']}-dim T5 embeddings: use the text encoder it was trained with")
-    if model_cfg["in_channels"] != ctx["latent_channels"]:
-        raise TrainingError(f"{cfg.init}: the model takes {model_cfg['in_channels']} latent channels, "
-                            f"the VAE makes {ctx['latent_channels']}")
-
-
-def _build_model(ctx: dict[str, Any]):  # -> PixArtTransformer2DModel
-    """From `init` (one of our checkpoints, a diffusers pipeline or transformer folder) or new."""
-    from diffusers import PixArtTransformer2DModel
-
-    cfg = StageConfig(**ctx["stage"])
-    if cfg.init and os.path.exists(os.path.join(cfg.init, "state.pt")):
-        # one of our checkpoints: the registry model with the checkpoint's EMA weights
-        model = _build_registry_model(cfg, ctx)
-        model.load_state_dict(checkpoint.load(cfg.init, rank=-1)[0]["ema"])
-        return model
-    if cfg.init:
-        return PixArtTransformer2DModel.from_pretrained(_init_folder(cfg.init))
-    return _build_registry_model(cfg, ctx)
-
-
-def _build_registry_model(cfg: StageConfig, ctx: dict[str, Any]):  # -> PixArtTransformer2DModel
-    from training.models import build_transformer
-
-    return build_transformer(cfg.model, resolution=ctx["resolution"], latent_channels=ctx["latent_channels"],
-                             caption_channels=ctx["caption_channels"], learned_sigma=cfg.learned_sigma,
-                             vae_scale_factor=ctx["vae_scale_factor"], seed=cfg.seed)
-
-
 def _flops_per_image(model, ctx: dict[str, Any]) -> float:  # noqa: ANN001
     """Training FLOPs per image: 6 x parameters x image tokens (forward and backward of the
     dense layers; attention's own matmuls are left out, so MFU is slightly understated)."""
-    tokens = (ctx["resolution"] // ctx["vae_scale_factor"] // model.config.patch_size) ** 2
+    tokens = (ctx["resolution"] // ctx["vae_scale_factor"] // model.config.patch_size) ** 2  # buckets: about as many
     return 6.0 * sum(p.numel() for p in model.parameters()) * tokens
 
 
@@ -150,7 +109,11 @@ def worker_loop(ctx: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    model = _build_model(ctx)
+    model, start_note = start.build(ctx)
+    if rank == 0:
+        with open(os.path.join(layout.root, "start.json"), "w") as f:
+            json.dump(start_note, f, indent=2)
+    conditioning = CONDITIONINGS[cfg.conditioning](ctx, micro_conditions=bool(getattr(model.config, "use_additional_conditions", False)))
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -184,10 +147,10 @@ def worker_loop(ctx: dict[str, Any]) -> None:
     base_model = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
 
     features = StageOutput(ctx["features_uri"])
-    reader = FeatureReader(features, rank, world, cfg.seed, cfg.shuffle_buffer, position)
+    reader = FeatureReader(features, rank, world, cfg.seed, cfg.shuffle_buffer, position,
+                           needs_text=cfg.conditioning == "text", needs_label=cfg.conditioning == "class")
     batches = reader.batches(cfg.batch_size)
     diffusion = Diffusion(learned_sigma=cfg.learned_sigma)
-    null_text = from_stored(npy_array(storage.read_bytes(storage.join(ctx["features_uri"], NULL_CAPTION))))
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and device.type == "cuda")
     flops = _flops_per_image(base_model, ctx)
@@ -197,13 +160,12 @@ def worker_loop(ctx: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(layout.tensorboard)
-    window_start, window_images, skipped_nan = time.perf_counter(), 0, 0
+    window_start, window_images, micro_images, skipped_nan = time.perf_counter(), 0, 0, 0
 
     while step < cfg.steps:
         losses = []
         for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            batch = _drop_captions(batch, null_text, cfg.caption_dropout)
+            batch = conditioning.drop(next(batches), cfg.caption_dropout)
             x0 = (batch["mean"] + batch["std"] * torch.randn_like(batch["std"])).to(device) * ctx["scaling_factor"]
             t = diffusion.sample_timesteps(len(x0), device=device)
             noise = torch.randn_like(x0)
@@ -211,16 +173,15 @@ def worker_loop(ctx: dict[str, Any]) -> None:
             sync = micro == cfg.grad_accum - 1 or not hasattr(ddp_model, "no_sync")
             context = ddp_model.no_sync() if not sync else contextlib.nullcontext()
             with context, torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                out = ddp_model(x_t, encoder_hidden_states=batch["text"].to(device),
-                                encoder_attention_mask=batch["mask"].to(device), timestep=t,
-                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+                out = conditioning.predict(ddp_model, x_t, t, batch)
                 loss, parts = diffusion.loss(out, x0, x_t, t, noise)
             scaler.scale(loss / cfg.grad_accum).backward()
             losses.append(parts)
+            micro_images += len(x0)
         if not all(math.isfinite(p["mse"]) for p in losses):
             # a NaN/inf step is skipped and counted, never applied; many in a row stop the run
             optimizer.zero_grad(set_to_none=True)
-            skipped_nan += 1
+            skipped_nan, micro_images = skipped_nan + 1, 0
             if skipped_nan > 10:
                 raise TrainingError(f"rank {rank}: {skipped_nan} non-finite losses; lower lr or check the features")
             continue
@@ -234,7 +195,8 @@ def worker_loop(ctx: dict[str, Any]) -> None:
             for e, p in zip(ema.parameters(), base_model.parameters()):
                 e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
         step += 1
-        window_images += cfg.batch_size * cfg.grad_accum * world
+        window_images += micro_images * world  # a bucket's last batch of an epoch can be short
+        micro_images = 0
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - window_start
@@ -253,17 +215,14 @@ def worker_loop(ctx: dict[str, Any]) -> None:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(layout, step, rank, world, base_model, ema, optimizer, scheduler, reader.position, cfg)
         if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
-            _sample_grid(ema, ctx, os.path.join(layout.samples, f"step_{step:06d}.png"), cfg)
+            conditioning.sample_grids(ema, cfg, os.path.join(layout.samples, f"step_{step:06d}.png"))
             ema.to(device)
 
     digest = {"rank": rank, "step": step, "parameters_sha256": _digest(base_model), "position": asdict(reader.position)}
     with open(os.path.join(layout.root, f"worker{rank}.json"), "w") as f:
         json.dump(digest, f)
     if rank == 0:
-        from training.models import export_pipeline
-
-        export_pipeline(layout.export, transformer=ema.to("cpu").float(), text_encoder_dir=ctx["text_encoder_dir"],
-                        vae_dir=ctx["vae_dir"])
+        conditioning.export(ema, layout.export)
         writer.close()
 
 
@@ -287,19 +246,6 @@ def _lock_run(layout: RunLayout, timeout_s: float = 300.0):  # -> an open file h
             if time.monotonic() > deadline:
                 raise TrainingError(f"{layout.root} is in use by another training process") from None
             time.sleep(0.5)
-
-
-def _drop_captions(batch: dict[str, torch.Tensor], null_text: torch.Tensor, probability: float) -> dict[str, torch.Tensor]:
-    """Classifier-free guidance training: some captions become the empty caption's embedding,
-    exactly what the pipeline feeds as the unconditional input at sampling time."""
-    if probability <= 0:
-        return batch
-    drop = torch.rand(len(batch["text"])) < probability
-    if not drop.any():
-        return batch
-    items = [{"mean": batch["mean"][i], "std": batch["std"][i],
-              "text": null_text if drop[i] else batch["text"][i][: int(batch["mask"][i].sum())]} for i in range(len(drop))]
-    return collate(items)
 
 
 def _log_metrics(layout: RunLayout, writer, metrics: dict[str, Any]) -> None:  # noqa: ANN001
@@ -328,41 +274,6 @@ def _save_checkpoint(layout: RunLayout, step: int, rank: int, world: int, model,
         log.info("checkpoint at step %d", step)
 
 
-def _sample_grid(ema, ctx: dict[str, Any], path: str, cfg: StageConfig) -> None:  # noqa: ANN001
-    """Validation prompts through PixArtAlphaPipeline with the EMA weights and precomputed
-    prompt embeddings, so no text encoder has to stay loaded on the trainer."""
-    from diffusers import AutoencoderKL, PixArtAlphaPipeline
-    from PIL import Image
-
-    from training.models import default_scheduler
-
-    if "_vae" not in ctx:
-        ctx["_vae"] = AutoencoderKL.from_pretrained(ctx["vae_dir"])
-    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=ctx["_vae"], transformer=ema.float().to("cpu"),
-                               scheduler=default_scheduler())
-    pipe.set_progress_bar_config(disable=True)
-    prompts = torch.from_numpy(ctx["prompt_embeds"]).float()
-    masks = torch.from_numpy(ctx["prompt_masks"]).long()
-    null = torch.zeros_like(prompts)
-    null_mask = torch.zeros_like(masks)
-    null_text = torch.from_numpy(ctx["null_embed"]).float()
-    null[:, : len(null_text)], null_mask[:, : len(null_text)] = null_text, 1
-    size = ctx["resolution"]
-    with torch.inference_mode():
-        images = pipe(prompt=None, negative_prompt=None, prompt_embeds=prompts, prompt_attention_mask=masks,
-                      negative_prompt_embeds=null,
-                      negative_prompt_attention_mask=null_mask, height=size, width=size,
-                      num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                      generator=torch.Generator("cpu").manual_seed(0), use_resolution_binning=False,
-                      output_type="pil").images
-    grid = Image.new("RGB", (size * len(images), size))
-    for i, image in enumerate(images):
-        grid.paste(image, (i * size, 0))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    grid.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-
-
 def _prompt_embeddings(text_cfg, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     tokenizer, encoder = load_text_encoder(text_cfg, "cpu")
     tokens = tokenizer(prompts, max_length=text_cfg.max_length, truncation=True, padding="max_length", return_tensors="pt")
@@ -382,29 +293,49 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
         raise TrainingError(f"training.stages: no stage {stage!r}; defined: {', '.join(config.training.stages) or 'none'}")
     cfg = config.training.stages[stage]
     features_cfg = config.training.features[cfg.features]
+    init = _resolve_init(config, stage)
     features = pipeline.ensure(config, features_cfg.dataset, stage_name(cfg.features))
-    text_cfg, vae_cfg = config.training.text_encoders[features_cfg.text_encoder], config.training.vaes[features_cfg.vae]
+    vae_cfg = config.training.vaes[features_cfg.vae]
+    text_cfg = config.training.text_encoders[features_cfg.text_encoder] if cfg.conditioning == "text" else None
     layout = run_layout(config, stage)
     if restart and os.path.exists(layout.root):
         shutil.rmtree(layout.root)
     os.makedirs(layout.root, exist_ok=True)
     found = checkpoint.latest(layout.checkpoints)
+    if found:
+        _check_resumable(stage, cfg, found[1])
     if found and found[0] >= cfg.steps and os.path.exists(os.path.join(layout.export, "model_index.json")):
         log.info("%s: already trained to step %d and exported to %s", stage, found[0], layout.export)
         return _summary(stage, cfg, layout, found, seconds=0.0)
     vae_config = AutoencoderKL.load_config(vae_cfg.model)
-    embeds, masks = _prompt_embeddings(text_cfg, cfg.validation_prompts)
     ctx = {
-        "stage": cfg.model_dump(mode="json"), "run_root": layout.root, "features_uri": features.uri,
+        "stage": cfg.model_dump(mode="json"), "run_root": layout.root, "features_uri": features.uri, "init": init,
         "resolution": features_cfg.resolution, "latent_channels": vae_config["latent_channels"],
         "vae_scale_factor": 2 ** (len(vae_config["block_out_channels"]) - 1),
         "scaling_factor": vae_config.get("scaling_factor", 0.18215),
-        "caption_channels": T5Config.from_pretrained(text_cfg.model).d_model,
-        "text_encoder_dir": text_cfg.model, "vae_dir": vae_cfg.model,
-        "prompt_embeds": embeds, "prompt_masks": masks,
-        "null_embed": from_stored(npy_array(storage.read_bytes(storage.join(features.uri, NULL_CAPTION)))).numpy(),
+        "vae_dir": vae_cfg.model,
+        "sample_sizes": [tuple(size) for size in cfg.sample_sizes] or [(features_cfg.resolution, features_cfg.resolution)],
     }
-    _check_init(cfg, ctx)
+    if text_cfg is not None:
+        embeds, masks = _prompt_embeddings(text_cfg, cfg.validation_prompts)
+        ctx.update({
+            "caption_channels": T5Config.from_pretrained(text_cfg.model).d_model, "text_encoder_dir": text_cfg.model,
+            "prompt_embeds": embeds, "prompt_masks": masks,
+            "null_embed": from_stored(npy_array(storage.read_bytes(storage.join(features.uri, NULL_CAPTION)))).numpy(),
+        })
+    else:
+        classes = features_cfg.label.classes
+        if len(classes) > DIT_NUM_CLASSES:
+            raise TrainingError(f"{stage}: {len(classes)} classes; a DiT here has {DIT_NUM_CLASSES} class rows")
+        unknown = [name for name in cfg.validation_prompts if name not in classes]
+        if unknown:
+            raise TrainingError(f"training.stages.{stage}.validation_prompts: {unknown} are not classes of "
+                                f"{cfg.features} ({', '.join(classes)})")
+        ctx["classes"] = classes
+    try:
+        start.check(cfg, init, ctx)
+    except start.StartError as exc:
+        raise TrainingError(str(exc)) from None
     cluster.connect(config.cluster)
     started = time.monotonic()
     trainer = TorchTrainer(
@@ -425,6 +356,37 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
     log.info("%s: %d steps, loss %s -> %s, %.0f s; pipeline %s", stage, cfg.steps, summary["first_loss"],
              summary["last_loss"], summary["seconds"], layout.export)
     return summary
+
+
+# What may change between a run and its resumption: how long, how it is watched and where it
+# runs. Anything else (model, data, objective, optimiser) would silently mix two experiments.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every", "validation_prompts", "sample_steps",
+                     "guidance_scale", "sample_sizes", "workers", "gpus_per_worker", "cpus_per_worker", "peak_flops"}
+
+
+def _check_resumable(stage: str, cfg: StageConfig, found: str) -> None:
+    with open(os.path.join(found, "meta.json")) as f:
+        before = json.load(f).get("stage", {})
+    now = cfg.model_dump(mode="json")
+    changed = sorted(k for k in now.keys() - RESUMABLE_CHANGES if k in before and before[k] != now[k])
+    if changed:
+        details = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:4])
+        raise TrainingError(f"runs/{stage} was trained with another config ({details}): rerun with --restart "
+                            f"(make ... SET= / python -m training train {stage} --restart) or name a new stage")
+
+
+def _resolve_init(config: PipelinesConfig, stage: str) -> str | None:
+    """`init`, or the exported pipeline of `init_stage`, which must have been trained."""
+    cfg = config.training.stages[stage]
+    if cfg.init_stage is None:
+        if cfg.init and not os.path.exists(cfg.init):
+            raise TrainingError(f"training.stages.{stage}.init: {cfg.init} does not exist")
+        return cfg.init
+    export = run_layout(config, cfg.init_stage).export
+    if not os.path.exists(os.path.join(export, "model_index.json")):
+        raise TrainingError(f"{stage} starts from {cfg.init_stage}, which has not been trained and exported yet "
+                            f"({export}): run `make train-{cfg.init_stage}` first")
+    return export
 
 
 def _summary(stage: str, cfg: StageConfig, layout: RunLayout, resumed: tuple[int, str] | None, seconds: float) -> dict[str, Any]:

@@ -386,3 +386,14 @@ def _fill(rng: np.random.Generator, templates: tuple[str, ...], **kw: Any) -> st
 
 def alt_text(scene: Scene, rng: np.random.Generator) -> str:
     return labelled_alt_text(scene, rng)[0]
+
+
+def corpus(count: int, seed: int = 0) -> list[str]:
+    """`count` scenes' dense descriptions and alt texts: the domain's language, for tokenizers
+    and text encoders made here. The same arguments give the same sentences."""
+    rng = np.random.default_rng([seed, 7919])
+    lines = []
+    for _ in range(count):
+        scene = sample_scene(rng)
+        lines += [describe(scene), alt_text(scene, rng)]
+    return lines
