@@ -1,7 +1,8 @@
 # The front door. Every target sets up .venv first (seconds when nothing changed).
 #   make demo | make test | make bench
 #   make sources | make curate DATASET=sample-laion | make caption DATASET=sample-sam [CAPTIONER=x]
-#   make nouns [DATASET=a,b] [FIELDS=txt,tiny-llava] | make features DATASET=sample-sam | make train-stage2
+#   make nouns [DATASET=a,b] [FIELDS=txt,tiny-llava] | make features DATASET=sample-sam
+#   make train-stage1 | make train-stage2 | make train-stage3   (each starts from the one before)
 #   make validate DATASET=x [STAGE=shards]
 # CONFIG=other.yaml picks another config; SET="key.path=value other.key=value" overrides values.
 
@@ -32,7 +33,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup demo test bench sources curate caption nouns features train-stage2 import-dit validate status config lock clean require-dataset
+.PHONY: setup demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 import-dit validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -44,7 +45,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | $(PIP_QUIET)
 	@touch $@
 
-DEMO_DATASETS := sample-laion sample-sam sample-synthetic
+DEMO_DATASETS := sample-laion sample-sam sample-synthetic sample-classes
 
 demo: setup
 	$(PY) -m curation sources $(ARGS)
@@ -53,14 +54,17 @@ demo: setup
 	for d in $(DEMO_DATASETS); do $(PY) -m shardkit validate $$d $(ARGS) || exit 1; done
 	for d in sample-laion sample-sam; do $(PY) -m shardkit validate $$d captions/tiny-llava $(ARGS) || exit 1; done
 	$(PY) -m analysis nouns $(ARGS)
-	$(PY) -m training features sam-dense $(ARGS)
+	$(PY) -m training features classes-64 sam-dense laion-hq-128 $(ARGS)
+	$(PY) -m training train stage1 $(ARGS)
 	$(PY) -m training train stage2 $(ARGS)
+	$(PY) -m training train stage3 $(ARGS)
 	$(PY) -m shardkit status $(ARGS)
 	@root=$$($(PY) -c 'from shardkit.config import load_config; print(load_config().storage.root)'); \
 	echo "demo outputs under $$root:"; \
 	echo "  noun report:      $$root/reports/nouns/nouns.md"; \
-	echo "  sample grids:     $$root/runs/stage2/samples/"; \
-	echo "  trained pipeline: $$root/runs/stage2/pipeline/ (PixArtAlphaPipeline.from_pretrained)"
+	echo "  sample grids:     $$root/runs/stage{1,2,3}/samples/"; \
+	echo "  stage 1 (DiT):    $$root/runs/stage1/pipeline/ (DiTPipeline.from_pretrained)"; \
+	echo "  stage 2, 3:       $$root/runs/stage{2,3}/pipeline/ (PixArtAlphaPipeline.from_pretrained)"
 
 test: setup
 	$(PY) -m pytest -q
@@ -80,8 +84,16 @@ nouns: setup
 features: setup
 	$(PY) -m training features $(if $(FEATURES),$(FEATURES)) $(if $(DATASET),--dataset $(DATASET)) $(ARGS)
 
+# The paper's three stages (pipelines.yaml training.stages): each resumes if interrupted and
+# is skipped when already trained; stage 2 needs stage 1's export, stage 3 stage 2's.
+train-stage1: setup
+	$(PY) -m training train stage1 $(ARGS)
+
 train-stage2: setup
 	$(PY) -m training train stage2 $(ARGS)
+
+train-stage3: setup
+	$(PY) -m training train stage3 $(ARGS)
 
 # DiT weights (diffusers folder or original .pt) into a PixArt transformer, the paper's way
 import-dit: setup

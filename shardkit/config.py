@@ -346,6 +346,11 @@ class StageConfig(Strict):
     use_additional_conditions: bool | None = None
     """PixArt-α 1024's resolution and aspect-ratio micro-conditions. None: the starting
     model's setting (the registry's default for a new model: on only at sample size 128)."""
+    interpolation_scale: float | None = Field(None, gt=0)
+    """Positional interpolation when this stage's resolution differs from its starting
+    model's. None: old scale x new/old size, so the larger grid spans exactly the positions
+    the model was trained on (512 -> 1024 gives PixArt's 1 -> 2). PixArt's own table keeps 1
+    from 256 to 512 (extrapolating); set 1 here to follow it."""
     sample_sizes: list[tuple[int, int]] = []
     """(height, width) of the validation grids; default: the feature set's square resolution."""
     learned_sigma: bool = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,21 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return resized.crop((left, top, left + size, top + size))
 
 
+def fingerprint(folder: str) -> str | None:
+    """sha256 of a model folder's small files (configs, tokenizer, tiny-model marker), not
+    of its weights (gigabytes for T5-XXL); None for a hub id or a remote folder."""
+    if not os.path.isdir(folder):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not name.endswith((".safetensors", ".bin", ".pt")) and os.path.getsize(path) < 50 << 20:
+            digest.update(name.encode())
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
+
+
 def choose_caption(cfg: FeaturesConfig, sample: Sample) -> tuple[str | None, str]:
     """(field, text) for a sample: the configured caption, or with `alt_text_probability`
     the alt text, decided from the key so a rerun decides the same way."""
@@ -186,7 +202,11 @@ class FeatureStage:
                          input_stage=input_stage(self.cfg), fields=self.fields(),
                          config={"features": self.cfg.model_dump(mode="json"),
                                  "text_encoder": self.text_cfg.model_dump(mode="json") if self.text_cfg else None,
-                                 "vae": self.vae_cfg.model_dump(mode="json")})
+                                 "vae": self.vae_cfg.model_dump(mode="json"),
+                                 # a model rebuilt or replaced in the same folder must not mix
+                                 # its features with the old one's: the plan check catches it
+                                 "fingerprints": {"text_encoder": fingerprint(self.text_cfg.model) if self.text_cfg else None,
+                                                  "vae": fingerprint(self.vae_cfg.model)}})
 
     def fields(self) -> list[str]:
         fields = [META, VAE_FIELD]

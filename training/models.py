@@ -75,9 +75,11 @@ def PixArt_tiny_2(**overrides: Any) -> dict:
 
 
 def PixArt_tiny_8(**overrides: Any) -> dict:
-    """PixArt-tiny with 8x8 patches: 16x16 tokens at sample size 128, which is where
-    PixArtAlphaPipeline feeds the micro-conditions; for CPU tests of that path."""
-    return PixArt_tiny_2(patch_size=8, **overrides)
+    """8x8 patches, 96 wide: 16x16 tokens at sample size 128, which is where
+    PixArtAlphaPipeline feeds the micro-conditions, for CPU tests of that path. The width is
+    a multiple of 3 because the size and aspect-ratio embeddings each take a third of it."""
+    return {"num_layers": 4, "num_attention_heads": 6, "attention_head_dim": 16, "patch_size": 8,
+            "caption_channels": 64, **overrides}
 
 
 TRANSFORMERS: dict[str, Callable[..., dict]] = {

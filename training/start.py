@@ -6,9 +6,11 @@ one of our checkpoints (its EMA weights), or from a diffusers folder: another st
 the paper's reparameterisation (training/dit_import.py): that is how stage 2 starts from
 stage 1. A PixArt model is then fitted to the stage:
 
-* a new resolution keeps the weights and stretches the positional grid as PixArt does
-  (``interpolation_scale``, the repo's ``lewei_scale``: 1 at 512 px, 2 at 1024), so the larger
-  grid spans the positions the model was trained on instead of extrapolating past them;
+* a new resolution keeps the weights and stretches the positional grid (``interpolation_scale``,
+  PixArt's ``lewei_scale``) by new/old size, so the larger grid spans exactly the positions
+  the model was trained on instead of extrapolating past them: 512 -> 1024 gives PixArt's
+  1 -> 2. PixArt's table keeps 1 from 256 to 512 (it extrapolates there); a stage's
+  ``interpolation_scale`` sets the value explicitly to follow it;
 * switching the micro-conditions on (PixArt-α 1024's size and aspect-ratio embeddings) adds
   those two MLPs with a zero output layer, so the model computes exactly what it did until
   training moves them.
@@ -57,6 +59,10 @@ def model_class(init: str) -> str:
 
 def check(cfg: StageConfig, init: str | None, ctx: dict[str, Any]) -> None:
     """Refuse, before any worker starts, a starting model that cannot read these features."""
+    sample_size = ctx["resolution"] // ctx["vae_scale_factor"]
+    if cfg.use_additional_conditions and sample_size != CONDITIONS_SAMPLE_SIZE:
+        raise StartError(f"use_additional_conditions needs sample size {CONDITIONS_SAMPLE_SIZE} (1024 px with SD's VAE); "
+                         f"this stage has {sample_size}: PixArtAlphaPipeline passes the conditions at no other size")
     if not init or is_checkpoint(init):
         return  # a checkpoint of ours: built from the registry with these features' sizes
     kind = model_class(init)
@@ -103,7 +109,8 @@ def build(ctx: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         disable_label_dropout(model)
         return model, note
     model, changes = fit(model, resolution=ctx["resolution"], vae_scale_factor=ctx["vae_scale_factor"],
-                         use_additional_conditions=cfg.use_additional_conditions)
+                         use_additional_conditions=cfg.use_additional_conditions,
+                         interpolation_scale=cfg.interpolation_scale)
     note["fitted"] = changes
     return model, note
 
@@ -125,10 +132,11 @@ def _interpolation_scale(config: Any) -> float:
     return config.interpolation_scale if config.interpolation_scale is not None else max(config.sample_size // 64, 1)
 
 
-def fit(model: Any, *, resolution: int, vae_scale_factor: int,
-        use_additional_conditions: bool | None) -> tuple[Any, list[str]]:
+def fit(model: Any, *, resolution: int, vae_scale_factor: int, use_additional_conditions: bool | None,
+        interpolation_scale: float | None = None) -> tuple[Any, list[str]]:
     """``model`` (a PixArtTransformer2DModel) at ``resolution`` with the micro-conditions as
-    asked (None: as it is); returns it (the same object if nothing changes) and what changed."""
+    asked (None: as it is); returns it (the same object if nothing changes) and what changed.
+    ``interpolation_scale`` None: stretched by new/old size (see the module's docstring)."""
     from diffusers import PixArtTransformer2DModel
 
     old = model.config
@@ -140,13 +148,18 @@ def fit(model: Any, *, resolution: int, vae_scale_factor: int,
         raise StartError(f"micro-conditions need sample size {CONDITIONS_SAMPLE_SIZE} (1024 px with SD's VAE), this "
                          f"stage has {sample_size}: PixArtAlphaPipeline passes them at no other size, so the exported "
                          f"model could not generate")
+    if conditions and (old.num_attention_heads * old.attention_head_dim) % 3:
+        raise StartError(f"micro-conditions need a width divisible by 3 (the size and aspect-ratio embeddings take a "
+                         f"third each); this model is {old.num_attention_heads * old.attention_head_dim} wide")
+    scale = _interpolation_scale(old)
+    if sample_size != old.sample_size:
+        scale = interpolation_scale if interpolation_scale is not None else scale * sample_size / old.sample_size
+        scale = int(scale) if float(scale).is_integer() else scale
     if sample_size == old.sample_size and conditions == old.use_additional_conditions:
         return model, []
     changes = []
     config = {k: v for k, v in old.items() if not k.startswith("_")}
     if sample_size != old.sample_size:
-        scale = _interpolation_scale(old) * sample_size / old.sample_size
-        scale = int(scale) if float(scale).is_integer() else scale
         changes.append(f"sample size {old.sample_size} -> {sample_size}, positional interpolation scale "
                        f"{_interpolation_scale(old)} -> {scale}")
         config.update(sample_size=sample_size, interpolation_scale=scale)

@@ -37,8 +37,15 @@ class FolderStage(FetchStage):
                 builder.fail(key, "read_error", f"{uri}: {exc}")
                 continue
             caption, meta = self._sidecars(uri, builder)
+            # the sub-folder, ImageNet-style: `label: {field: folder}` makes it the class
+            meta.setdefault("folder", self._subfolder(uri))
             candidate = Candidate(key, origin=uri, caption=caption, meta=meta, data=data)
             builder.add(candidate)
+
+    def _subfolder(self, uri: str) -> str:
+        root = storage.filesystem(self.cfg.path)[1].rstrip("/")
+        parent = posixpath.dirname(storage.filesystem(uri)[1])
+        return posixpath.relpath(parent, root) if parent != root else ""
 
     def _sidecars(self, uri: str, builder: ShardBuilder) -> tuple[str, dict]:
         stem = posixpath.splitext(uri)[0]
