@@ -33,7 +33,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 import-dit validate status config lock clean require-dataset
+.PHONY: setup demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 train-captioner import-dit validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -94,6 +94,11 @@ train-stage2: setup
 
 train-stage3: setup
 	$(PY) -m training train stage3 $(ARGS)
+
+# The demo's own models, trained here by the project's scripts (deterministic given SEED);
+# their weights and cards are committed under captioning/models/.
+train-captioner: setup
+	$(PY) -m captioning.train_captioner captioning/models/synthetic-captioner $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED))
 
 # DiT weights (diffusers folder or original .pt) into a PixArt transformer, the paper's way
 import-dit: setup

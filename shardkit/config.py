@@ -493,13 +493,15 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[keys[-1]] = yaml.safe_load(value_text)
 
 
-def _substitute_storage(node: Any, root: str) -> Any:
+def _substitute(node: Any, values: dict[str, str]) -> Any:
     if isinstance(node, str):
-        return node.replace("${storage}", root)
+        for name, value in values.items():
+            node = node.replace("${" + name + "}", value)
+        return node
     if isinstance(node, dict):
-        return {k: _substitute_storage(v, root) for k, v in node.items()}
+        return {k: _substitute(v, values) for k, v in node.items()}
     if isinstance(node, list):
-        return [_substitute_storage(v, root) for v in node]
+        return [_substitute(v, values) for v in node]
     return node
 
 
@@ -523,7 +525,9 @@ def _describe_error(err: dict[str, Any]) -> str:
     return f"{loc}: {message}" if loc else message
 
 
-def parse_config(raw: Any, source_name: str = "pipelines.yaml") -> PipelinesConfig:
+def parse_config(raw: Any, source_name: str = "pipelines.yaml", config_dir: str | None = None) -> PipelinesConfig:
+    """`${storage}` stands for storage.root and `${config_dir}` for the config file's folder
+    (absolute, so that workers running elsewhere find, e.g., the models shipped beside it)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -536,7 +540,8 @@ def parse_config(raw: Any, source_name: str = "pipelines.yaml") -> PipelinesConf
         if isinstance(storage, dict):
             raw = {**raw, "storage": {**storage, "root": root}}
     try:
-        return PipelinesConfig.model_validate(_substitute_storage(raw, str(root).rstrip("/")))
+        values = {"storage": str(root).rstrip("/"), "config_dir": os.path.abspath(config_dir or ".")}
+        return PipelinesConfig.model_validate(_substitute(raw, values))
     except ValidationError as exc:
         # pydantic reports every union member's errors for a discriminated union; the first
         # error is the one that names the key, which is what a user needs to fix it
@@ -565,4 +570,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             apply_override(raw, assignment)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    return parse_config(raw, source_name=str(path))
+    return parse_config(raw, source_name=str(path), config_dir=str(path.resolve().parent))
