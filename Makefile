@@ -33,7 +33,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 train-captioner import-dit validate status config lock clean require-dataset
+.PHONY: setup demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 train-captioner train-vae import-dit validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -99,6 +99,9 @@ train-stage3: setup
 # their weights and cards are committed under captioning/models/.
 train-captioner: setup
 	$(PY) -m captioning.train_captioner captioning/models/synthetic-captioner $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED))
+
+train-vae: setup
+	$(PY) -m training.train_vae training/models/synthetic-vae $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED))
 
 # DiT weights (diffusers folder or original .pt) into a PixArt transformer, the paper's way
 import-dit: setup

@@ -14,6 +14,9 @@ Choices, and why:
   (an alt-text prompt's) become ``<unk>``.
 * Images are squashed to 64x64, not centre-cropped: a crop would cut off objects at the
   edges of wide images while the caption still names them.
+* Captions list objects in reading order (``scenes.reading_order``): in the order they were
+  drawn, the target would not be a function of the image. A first run without this reached
+  23% exact (objects' attributes at 40-58%, backgrounds at 100%) after 3000 steps.
 * Fresh scenes every step (seeded by step), never an epoch over a fixed set: no overfitting,
   and the held-out scenes come from a disjoint seed stream.
 * The loss is the causal LM loss on the answer tokens only (LLaVA's instruction tuning).
@@ -186,7 +189,8 @@ def caption_images(model, processor, images: list[Image.Image], prompt: str, bat
 
 def score(truths: list[scenes.Scene], captions: list[str]) -> dict[str, float]:
     """Exact match, and per attribute: background colour and texture, object count, and for
-    scenes whose count is right each object's size, colour, kind and position (in order)."""
+    scenes whose count is right each object's size, colour, kind and position, objects in
+    reading order (the order captions list them in)."""
     totals = {k: 0 for k in ("exact", "background", "texture", "count", "size", "colour", "kind", "position", "objects")}
     for scene, caption in zip(truths, captions):
         parsed = scenes.parse_description(caption)
@@ -195,7 +199,7 @@ def score(truths: list[scenes.Scene], captions: list[str]) -> dict[str, float]:
         totals["texture"] += parsed.texture == scene.texture
         totals["count"] += len(parsed.objects) == len(scene.objects)
         if len(parsed.objects) == len(scene.objects):
-            for obj, (size, colour, kind, position) in zip(scene.objects, parsed.objects):
+            for obj, (size, colour, kind, position) in zip(scenes.reading_order(scene.objects), parsed.objects):
                 totals["size"] += size == obj.size
                 totals["colour"] += colour == obj.colour
                 totals["kind"] += kind == obj.kind

@@ -13,6 +13,7 @@ from curation.synthetic.scenes import (
     SIZES,
     Scene,
     SceneObject,
+    reading_order,
     SceneOptions,
     alt_text,
     describe,
@@ -130,8 +131,9 @@ def test_describe_exact_sentence():
     assert describe(Scene(64, 64, "gray", "stripes", objects[1:2])) == (
         "A small blue star in the center, on a striped gray background."
     )
+    # listed in reading order whatever order the scene holds them in: a caption is a function of the image
     assert describe(Scene(64, 64, "black", "noise", objects[2:] + objects[:1])) == (
-        "A medium green ring at the bottom right and a large red circle at the top left, on a noisy black background."
+        "A large red circle at the top left and a medium green ring at the bottom right, on a noisy black background."
     )
 
 
@@ -145,7 +147,7 @@ def test_describe_covers_every_object_with_grammar_words_only():
         assert set(tokenize(text)) <= vocab
         assert detokenize(tokenize(text)) == text
         parsed = parse_description(text)
-        assert parsed.objects == [(o.size, o.colour, o.kind, o.position) for o in scene.objects]
+        assert parsed.objects == [(o.size, o.colour, o.kind, o.position) for o in reading_order(scene.objects)]
         assert (parsed.texture, parsed.background) == (scene.texture, scene.background)
 
 

@@ -11,7 +11,7 @@ import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -275,9 +275,15 @@ def render(scene: Scene) -> Image.Image:
 
 # --------------------------------------------------------------------------- dense captions
 
+def reading_order(objects: Sequence[SceneObject]) -> list[SceneObject]:
+    """Objects top-left to bottom-right (by 3x3 cell, then centre): the order captions list
+    them in, so that a caption is a function of the image, not of how it was drawn."""
+    return sorted(objects, key=lambda o: (POSITIONS.index(o.position), o.centre[1], o.centre[0]))
+
+
 def describe(scene: Scene) -> str:
-    """Dense ground-truth caption naming every object and the background."""
-    phrases = [f"a {o.size} {o.colour} {o.kind} {POSITION_PHRASES[o.position]}" for o in scene.objects]
+    """Dense ground-truth caption naming every object (in reading order) and the background."""
+    phrases = [f"a {o.size} {o.colour} {o.kind} {POSITION_PHRASES[o.position]}" for o in reading_order(scene.objects)]
     ground = f"a {TEXTURE_ADJECTIVES[scene.texture]} {scene.background} background"
     if not phrases:
         text = f"{ground}."
