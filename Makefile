@@ -1,7 +1,7 @@
 # The front door. Every target sets up .venv first (seconds when nothing changed).
 #   make demo | make test | make bench
 #   make sources | make curate DATASET=sample-laion | make caption DATASET=sample-sam [CAPTIONER=x]
-#   make nouns [DATASET=a,b] [FIELDS=txt,tiny-llava] | make features DATASET=sample-sam
+#   make nouns [DATASET=a,b] [FIELDS=txt,synthetic-captioner] | make features DATASET=sample-sam
 #   make train-stage1 | make train-stage2 | make train-stage3   (each starts from the one before)
 #   make validate DATASET=x [STAGE=shards]
 # CONFIG=other.yaml picks another config; SET="key.path=value other.key=value" overrides values.
@@ -52,7 +52,7 @@ demo: setup
 	$(PY) -m curation curate $(DEMO_DATASETS) $(ARGS)
 	$(PY) -m captioning caption sample-laion sample-sam $(ARGS)
 	for d in $(DEMO_DATASETS); do $(PY) -m shardkit validate $$d $(ARGS) || exit 1; done
-	for d in sample-laion sample-sam; do $(PY) -m shardkit validate $$d captions/tiny-llava $(ARGS) || exit 1; done
+	for d in sample-laion sample-sam; do $(PY) -m shardkit validate $$d captions/synthetic-captioner $(ARGS) || exit 1; done
 	$(PY) -m analysis nouns $(ARGS)
 	$(PY) -m training features classes-64 sam-dense laion-hq-128 $(ARGS)
 	$(PY) -m training train stage1 $(ARGS)

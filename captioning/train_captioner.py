@@ -313,7 +313,8 @@ knows nothing outside the synthetic grammar.
   grammar; images squashed to {cfg['image_size']}x{cfg['image_size']}.
 - Training: {summary['steps']} steps of {summary['batch_size']} fresh scenes (1-{cfg['max_objects']} objects), AdamW lr {cfg['lr']}
   (warm-up, cosine to 10%), causal LM loss on the answer tokens only, float32 on CPU; about
-  {rate:.0f} samples/s on the 2-vCPU development machine. Weights stored in float16.
+  {rate:.0f} samples/s, {summary['train_seconds_this_run'] / 60:.0f} minutes on the 2-vCPU development machine. Weights
+  stored in float16.
 
 ## Accuracy on {cfg['eval_scenes']} held-out scenes (greedy decoding)
 

@@ -15,6 +15,8 @@ def test_repository_config_loads_with_every_section():
     assert isinstance(config.datasets["sample-sam"], SamSource)
     assert isinstance(config.datasets["sample-synthetic"], SyntheticSource)
     assert config.cluster.address is None
+    # ${config_dir} is the config file's folder: the shipped captioner is found from any worker
+    assert config.captioner("synthetic-captioner").model == str(REPO / "captioning" / "models" / "synthetic-captioner")
     llava = config.captioner("llava-1.5-7b")
     assert llava.model == "llava-hf/llava-1.5-7b-hf" and llava.prompt == PAPER_PROMPT
     # ${storage} is substituted in source paths
