@@ -49,9 +49,9 @@ CARD = "README.md"
 @dataclass
 class VaeTrainConfig:
     seed: int = 0
-    steps: int = 1200
+    steps: int = 2400
     batch_size: int = 24
-    lr: float = 1e-3
+    lr: float = 5e-4
     warmup_steps: int = 50
     kl_weight: float = 1e-6
     resolution: int = 64
