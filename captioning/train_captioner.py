@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -226,30 +225,19 @@ def _lr(cfg: CaptionerTrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))  # cosine to 10%
 
 
-def _save_state(path: Path, model, optimizer, step: int) -> None:  # noqa: ANN001
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
-    os.replace(tmp, path)
-
-
 def train(out: str, cfg: CaptionerTrainConfig) -> dict:
     """Train (resuming from ``out``/.state.pt if a run was interrupted), evaluate on held-out
     scenes, and save the model, processor and card into ``out``."""
+    from training.checkpoint import ScriptState
     from training.models import _write_folder
 
     torch.manual_seed(cfg.seed)
     processor = build_processor(cfg)
     model = build_model(cfg, processor.tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    work = Path(out).parent / f".{Path(out).name}.training"
-    work.mkdir(parents=True, exist_ok=True)
-    state_path, log_path = work / "state.pt", work / "log.jsonl"
-    step = 0
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    state = ScriptState(out)
+    step = state.resume(model, optimizer)
+    if step:
         log.info("resumed at step %d", step)
     parameters = sum(p.numel() for p in model.parameters())
     log.info("captioner: %.2fM parameters, vocab %d, %d steps of %d", parameters / 1e6, len(processor.tokenizer),
@@ -269,12 +257,11 @@ def train(out: str, cfg: CaptionerTrainConfig) -> dict:
         window += cfg.batch_size
         if step % cfg.log_every == 0 or step == cfg.steps:
             rate = window / (time.monotonic() - window_start)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": round(loss.item(), 5), "samples_per_s": round(rate, 1)}) + "\n")
+            state.record({"step": step, "loss": round(loss.item(), 5), "samples_per_s": round(rate, 1)})
             log.info("step %d/%d: loss %.4f, %.0f samples/s", step, cfg.steps, loss.item(), rate)
             window, window_start = 0, time.monotonic()
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            _save_state(state_path, model, optimizer, step)
+            state.save(model, optimizer, step)
     seconds = time.monotonic() - started
     metrics, examples = evaluate(model, processor, cfg)
     log.info("held-out accuracy: %s", metrics)
@@ -286,17 +273,16 @@ def train(out: str, cfg: CaptionerTrainConfig) -> dict:
         model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # half the bytes; loads as float32
         processor.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(summary, log_path))
+        (tmp / CARD).write_text(model_card(summary, state.records()))
 
     _write_folder(Path(out), write)
-    state_path.unlink(missing_ok=True)
+    state.done()
     return summary
 
 
-def model_card(summary: dict, log_path: Path) -> str:
+def model_card(summary: dict, curve: list[dict]) -> str:
     held = summary["held_out"]
     cfg = summary["config"]
-    curve = [json.loads(line) for line in open(log_path)] if log_path.exists() else []
     rate = np.median([c["samples_per_s"] for c in curve]) if curve else float("nan")
     rows = "\n".join(f"| {k} | {v:.1%} |" for k, v in held.items())
     examples = "\n".join(f"| {e['truth']} | {e['caption']} |" for e in summary["examples"])

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,3 +69,38 @@ def load(folder: str, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None,
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     return shared, own, meta
+
+
+class ScriptState:
+    """Resume state of a single-process training script (the shipped models' trainers):
+    `.<out>.training/` beside the output folder holds the latest model + optimizer + step
+    (replaced atomically) and the run's log; the state goes once the output is saved."""
+
+    def __init__(self, out: str) -> None:
+        self.work = Path(out).parent / f".{Path(out).name}.training"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.path, self.log = self.work / "state.pt", self.work / "log.jsonl"
+
+    def resume(self, model, optimizer) -> int:  # noqa: ANN001
+        """The step to continue from (0 for a fresh run), with `model` and `optimizer` restored."""
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return state["step"]
+
+    def save(self, model, optimizer, step: int) -> None:  # noqa: ANN001
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+        os.replace(tmp, self.path)
+
+    def record(self, entry: dict) -> None:
+        with open(self.log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in open(self.log)] if self.log.exists() else []
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -113,20 +112,15 @@ def _lr(cfg: VaeTrainConfig, step: int) -> float:
 
 def train(out: str, cfg: VaeTrainConfig) -> dict:
     """Train (resuming from an interrupted run's state), measure, save into ``out``."""
+    from training.checkpoint import ScriptState
     from training.models import _write_folder
 
     torch.manual_seed(cfg.seed)
     vae = build(cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    work = Path(out).parent / f".{Path(out).name}.training"
-    work.mkdir(parents=True, exist_ok=True)
-    state_path, log_path = work / "state.pt", work / "log.jsonl"
-    step = 0
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    state = ScriptState(out)
+    step = state.resume(vae, optimizer)
+    if step:
         log.info("resumed at step %d", step)
     parameters = sum(p.numel() for p in vae.parameters())
     log.info("VAE: %.2fM parameters, %d steps of %d", parameters / 1e6, cfg.steps, cfg.batch_size)
@@ -151,18 +145,15 @@ def train(out: str, cfg: VaeTrainConfig) -> dict:
             rate = window / (time.monotonic() - window_start)
             record = {"step": step, "l1": round(reconstruction.item(), 5), "kl": round(kl.item(), 5),
                       "images_per_s": round(rate, 1)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            state.record(record)
             log.info("step %d/%d: L1 %.4f, KL/dim %.3f, %.0f images/s", step, cfg.steps, record["l1"], record["kl"], rate)
             window_start, window = time.monotonic(), 0
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
-            os.replace(tmp, state_path)
+            state.save(vae, optimizer, step)
     metrics = evaluate(vae, cfg)
     vae.register_to_config(scaling_factor=round(1.0 / metrics["latent_std"], 5))
     log.info("held-out reconstruction: %s; scaling_factor %s", metrics, vae.config.scaling_factor)
-    curve = [json.loads(line) for line in open(log_path)] if log_path.exists() else []
+    curve = state.records()
     summary = {"parameters": parameters, "steps": cfg.steps, "batch_size": cfg.batch_size, "held_out": metrics,
                "scaling_factor": vae.config.scaling_factor, "config": asdict(cfg), "torch": torch.__version__,
                "median_images_per_s": float(np.median([c["images_per_s"] for c in curve])) if curve else None}
@@ -173,7 +164,7 @@ def train(out: str, cfg: VaeTrainConfig) -> dict:
         (tmp / CARD).write_text(model_card(summary))
 
     _write_folder(Path(out), write)
-    state_path.unlink(missing_ok=True)
+    state.done()
     return summary
 
 
