@@ -79,11 +79,12 @@ class FeatureReader:
     def _epoch_batches(self, epoch: int, batch_size: int) -> Iterator[list[Sample]]:
         buckets: dict[tuple[int, int], list[Sample]] = {}
         for sample in self._epoch_samples(epoch):
-            group = buckets.setdefault(latent_size(sample.fields[VAE_FIELD]), [])
+            size = latent_size(sample.fields[VAE_FIELD])
+            group = buckets.setdefault(size, [])
             group.append(sample)
             if len(group) == batch_size:
                 yield group
-                buckets[latent_size(sample.fields[VAE_FIELD])] = []
+                buckets[size] = []
         for size in sorted(buckets):
             if buckets[size]:
                 yield buckets[size]

@@ -48,13 +48,20 @@ def is_checkpoint(init: str) -> bool:
     return os.path.exists(os.path.join(init, "state.pt"))
 
 
-def model_class(init: str) -> str:
+def model_config(init: str) -> dict[str, Any]:
     path = os.path.join(model_folder(init), "config.json")
     try:
         with open(path) as f:
-            return json.load(f)["_class_name"]
-    except (OSError, ValueError, KeyError):
-        raise StartError(f"{init}: no diffusers model (no readable {path})") from None
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise StartError(f"{init}: no diffusers model (no readable {path})")
+    return config
+
+
+def model_class(init: str) -> str:
+    return model_config(init)["_class_name"]
 
 
 def check(cfg: StageConfig, init: str | None, ctx: dict[str, Any]) -> None:
@@ -65,11 +72,11 @@ def check(cfg: StageConfig, init: str | None, ctx: dict[str, Any]) -> None:
                          f"this stage has {sample_size}: PixArtAlphaPipeline passes the conditions at no other size")
     if not init or is_checkpoint(init):
         return  # a checkpoint of ours: built from the registry with these features' sizes
-    kind = model_class(init)
+    config = model_config(init)
+    kind = config["_class_name"]
     allowed = {"text": (PIXART, DIT), "class": (DIT,)}[cfg.conditioning]
     if kind not in allowed:
         raise StartError(f"{init}: a {cfg.conditioning}-conditioned stage cannot start from a {kind}")
-    config = json.load(open(os.path.join(model_folder(init), "config.json")))
     if config["in_channels"] != ctx["latent_channels"]:
         raise StartError(f"{init}: the model takes {config['in_channels']} latent channels, the VAE makes "
                          f"{ctx['latent_channels']}")
