@@ -33,7 +33,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 train-captioner train-vae import-dit validate status config lock clean require-dataset
+.PHONY: setup demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 train-captioner train-vae train-text-encoder train-stage2-long eval import-dit validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -47,24 +47,26 @@ $(STAMP): pyproject.toml constraints.txt
 
 DEMO_DATASETS := sample-laion sample-sam sample-synthetic sample-classes
 
+REPORT := $(PY) -m analysis.demo_report
+TIMED = $(REPORT) timed $(1) $(ARGS) --
+SHIPPED_PIXART := training/models/synthetic-pixart
+
+# Each step is timed into <storage>/reports/demo/timings.jsonl; the last writes the report page.
 demo: setup
-	$(PY) -m curation sources $(ARGS)
-	$(PY) -m curation curate $(DEMO_DATASETS) $(ARGS)
-	$(PY) -m captioning caption sample-laion sample-sam $(ARGS)
-	for d in $(DEMO_DATASETS); do $(PY) -m shardkit validate $$d $(ARGS) || exit 1; done
-	for d in sample-laion sample-sam; do $(PY) -m shardkit validate $$d captions/synthetic-captioner $(ARGS) || exit 1; done
-	$(PY) -m analysis nouns $(ARGS)
-	$(PY) -m training features classes-64 sam-dense laion-hq-128 $(ARGS)
-	$(PY) -m training train stage1 $(ARGS)
-	$(PY) -m training train stage2 $(ARGS)
-	$(PY) -m training train stage3 $(ARGS)
+	$(REPORT) begin $(ARGS)
+	$(call TIMED,sources) $(PY) -m curation sources $(ARGS)
+	$(call TIMED,curate) $(PY) -m curation curate $(DEMO_DATASETS) $(ARGS)
+	$(call TIMED,caption) $(PY) -m captioning caption sample-laion sample-sam $(ARGS)
+	$(call TIMED,validate) bash -c 'for d in $(DEMO_DATASETS); do $(PY) -m shardkit validate $$d $(ARGS) || exit 1; done; \
+	  for d in sample-laion sample-sam; do $(PY) -m shardkit validate $$d captions/synthetic-captioner $(ARGS) || exit 1; done'
+	$(call TIMED,nouns) $(PY) -m analysis nouns $(ARGS)
+	$(call TIMED,features) $(PY) -m training features classes-64 sam-dense laion-hq-128 $(ARGS)
+	$(call TIMED,train-stage1) $(PY) -m training train stage1 $(ARGS)
+	$(call TIMED,train-stage2) $(PY) -m training train stage2 $(ARGS)
+	$(call TIMED,train-stage3) $(PY) -m training train stage3 $(ARGS)
+	$(call TIMED,shipped-samples) $(PY) -m training samples $(SHIPPED_PIXART) --stage stage2-long $(ARGS)
 	$(PY) -m shardkit status $(ARGS)
-	@root=$$($(PY) -c 'from shardkit.config import load_config; print(load_config().storage.root)'); \
-	echo "demo outputs under $$root:"; \
-	echo "  noun report:      $$root/reports/nouns/nouns.md"; \
-	echo "  sample grids:     $$root/runs/stage{1,2,3}/samples/"; \
-	echo "  stage 1 (DiT):    $$root/runs/stage1/pipeline/ (DiTPipeline.from_pretrained)"; \
-	echo "  stage 2, 3:       $$root/runs/stage{2,3}/pipeline/ (PixArtAlphaPipeline.from_pretrained)"
+	$(REPORT) write $(ARGS) --shipped $(SHIPPED_PIXART)
 
 test: setup
 	$(PY) -m pytest -q
@@ -95,13 +97,31 @@ train-stage2: setup
 train-stage3: setup
 	$(PY) -m training train stage3 $(ARGS)
 
+# The shipped stage-2 checkpoint: train at length (hours), score it, ship it with its card.
+train-stage2-long: setup
+	$(PY) -m training train stage2-long $(ARGS)
+	scores=$$($(PY) -m analysis.alignment eval --stage stage2-long $(ARGS)) && \
+	  $(PY) -m training ship stage2-long $(SHIPPED_PIXART) --scores $$scores $(ARGS)
+
+# Alignment of any exported PixArt pipeline (default: the shipped checkpoint), judged exactly.
+PIPELINE ?= $(SHIPPED_PIXART)
+eval: setup
+	$(PY) -m analysis.alignment eval $(PIPELINE) $(ARGS)
+
 # The demo's own models, trained here by the project's scripts (deterministic given SEED);
 # their weights and cards are committed under captioning/models/.
+# The captioner is a curriculum: 1-3 objects from scratch, then up to 6 (sample-sam's 3-6).
+CAPTIONER_PHASE1 := captioning/models/.phase1-synthetic-captioner
 train-captioner: setup
-	$(PY) -m captioning.train_captioner captioning/models/synthetic-captioner $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED))
+	$(PY) -m captioning.train_captioner $(CAPTIONER_PHASE1) --max-objects 3 $(if $(SEED),--seed $(SEED))
+	$(PY) -m captioning.train_captioner captioning/models/synthetic-captioner --init $(CAPTIONER_PHASE1) \
+	  --max-objects 6 --steps 1500 --lr 0.0005 $(if $(SEED),--seed $(SEED))
 
 train-vae: setup
 	$(PY) -m training.train_vae training/models/synthetic-vae $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED))
+
+train-text-encoder: setup
+	$(PY) -m training.train_text_encoder training/models/synthetic-t5 $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED))
 
 # DiT weights (diffusers folder or original .pt) into a PixArt transformer, the paper's way
 import-dit: setup

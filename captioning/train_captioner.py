@@ -69,6 +69,9 @@ class CaptionerTrainConfig:
     text_layers: int = 4
     heads: int = 4
     max_objects: int = 3
+    init: str | None = None
+    """Start from a trained captioner's folder (the curriculum's second phase: 1-3 objects
+    first, then up to 6 from those weights); its architecture wins over the fields above."""
     eval_scenes: int = 400
     log_every: int = 50
     checkpoint_every: int = 500
@@ -191,9 +194,11 @@ def score(truths: list[scenes.Scene], captions: list[str]) -> dict[str, float]:
     scenes whose count is right each object's size, colour, kind and position, objects in
     reading order (the order captions list them in)."""
     totals = {k: 0 for k in ("exact", "background", "texture", "count", "size", "colour", "kind", "position", "objects")}
+    by_count: dict[int, list[bool]] = {}
     for scene, caption in zip(truths, captions):
         parsed = scenes.parse_description(caption)
         totals["exact"] += caption == scenes.describe(scene)
+        by_count.setdefault(len(scene.objects), []).append(caption == scenes.describe(scene))
         totals["background"] += parsed.background == scene.background
         totals["texture"] += parsed.texture == scene.texture
         totals["count"] += len(parsed.objects) == len(scene.objects)
@@ -205,7 +210,8 @@ def score(truths: list[scenes.Scene], captions: list[str]) -> dict[str, float]:
                 totals["position"] += position == obj.position
         totals["objects"] += len(scene.objects)
     n, objects = len(truths), max(totals.pop("objects"), 1)
-    return {k: round(v / (objects if k in ("size", "colour", "kind", "position") else n), 4) for k, v in totals.items()}
+    rates = {k: round(v / (objects if k in ("size", "colour", "kind", "position") else n), 4) for k, v in totals.items()}
+    return rates | {f"exact_{count}_objects": round(float(np.mean(v)), 4) for count, v in sorted(by_count.items())}
 
 
 def evaluate(model, processor, cfg: CaptionerTrainConfig) -> tuple[dict[str, float], list[dict]]:  # noqa: ANN001
@@ -232,8 +238,15 @@ def train(out: str, cfg: CaptionerTrainConfig) -> dict:
     from training.models import _write_folder
 
     torch.manual_seed(cfg.seed)
-    processor = build_processor(cfg)
-    model = build_model(cfg, processor.tokenizer)
+    if cfg.init:
+        from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+        processor = LlavaProcessor.from_pretrained(cfg.init)
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.init, dtype=torch.float32)
+        log.info("starting from %s", cfg.init)
+    else:
+        processor = build_processor(cfg)
+        model = build_model(cfg, processor.tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     state = ScriptState(out)
     step = state.resume(model, optimizer)
@@ -286,6 +299,8 @@ def model_card(summary: dict, curve: list[dict]) -> str:
     rate = np.median([c["samples_per_s"] for c in curve]) if curve else float("nan")
     rows = "\n".join(f"| {k} | {v:.1%} |" for k, v in held.items())
     examples = "\n".join(f"| {e['truth']} | {e['caption']} |" for e in summary["examples"])
+    phase = (f"\n- Curriculum: this phase continued from `{Path(cfg['init']).name}` (trained on 1-3 objects by the"
+             " same script), so it reads scenes as crowded as sample-sam's." if cfg.get("init") else "")
     return f"""# synthetic-captioner
 
 A LLaVA-1.5-architecture captioner (`LlavaForConditionalGeneration`: CLIP vision tower,
@@ -300,7 +315,7 @@ knows nothing outside the synthetic grammar.
 - Training: {summary['steps']} steps of {summary['batch_size']} fresh scenes (1-{cfg['max_objects']} objects), AdamW lr {cfg['lr']}
   (warm-up, cosine to 10%), causal LM loss on the answer tokens only, float32 on CPU; about
   {rate:.0f} samples/s, {summary['train_seconds_this_run'] / 60:.0f} minutes on the 2-vCPU development machine. Weights
-  stored in float16.
+  stored in float16.{phase}
 
 ## Accuracy on {cfg['eval_scenes']} held-out scenes (greedy decoding)
 
@@ -328,10 +343,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=CaptionerTrainConfig.batch_size)
     parser.add_argument("--seed", type=int, default=CaptionerTrainConfig.seed)
     parser.add_argument("--eval-scenes", type=int, default=CaptionerTrainConfig.eval_scenes)
+    parser.add_argument("--max-objects", type=int, default=CaptionerTrainConfig.max_objects)
+    parser.add_argument("--init", help="continue from this trained captioner (a curriculum phase)")
+    parser.add_argument("--lr", type=float, default=CaptionerTrainConfig.lr)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    cfg = CaptionerTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_scenes=args.eval_scenes)
+    cfg = CaptionerTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_scenes=args.eval_scenes,
+                               max_objects=args.max_objects, init=args.init, lr=args.lr)
     train(args.out, cfg)
     return 0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 PAPER_PROMPT = "Describe this image and its style in a very detailed manner"
 ALT_TEXT_PROMPT = 'Given the caption of this image "{}", describe this image in a very detailed manner'
@@ -146,6 +146,19 @@ class SyntheticSource(SourceBase):
     max_objects: int = Field(3, ge=1)
     caption: Literal["alt_text", "description", "none"] = "alt_text"
     """What `<key>.txt` holds: LAION-like alt text, the exact scene description, or nothing."""
+    image_sizes: list[tuple[PositiveInt, PositiveInt]] | None = None
+    """(width, height) choices; None: the generator's mix of 64-160 px. [[64, 64]] gives
+    square scenes a 64 px feature set uses whole, so every caption stays true of its crop."""
+    textured_fraction: float | None = Field(None, ge=0, le=1)
+    """Share of textured backgrounds; None: the generator's 0.3."""
+
+    def scene_options(self):  # -> curation.synthetic.scenes.SceneOptions
+        from curation.synthetic import scenes
+
+        extra = {"image_sizes": tuple(map(tuple, self.image_sizes))} if self.image_sizes else {}
+        if self.textured_fraction is not None:
+            extra["textured_fraction"] = self.textured_fraction
+        return scenes.SceneOptions(min_objects=self.min_objects, max_objects=self.max_objects, **extra)
 
     @model_validator(mode="after")
     def _object_bounds(self) -> "SyntheticSource":

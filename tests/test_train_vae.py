@@ -7,7 +7,7 @@ import json
 
 from training.train_vae import VaeTrainConfig, train
 
-TINY = dict(steps=3, batch_size=4, eval_images=8, log_every=1, block_out_channels=(8, 16))
+TINY = dict(steps=3, batch_size=4, eval_images=8, log_every=1, block_out_channels=(8, 16), norm_num_groups=4)
 
 
 def test_vae_trainer_is_deterministic_and_measures_its_scaling_factor(tmp_path):

@@ -21,7 +21,7 @@ class SyntheticStage(FetchStage):
 
     def collect(self, task: ShardTask, builder: ShardBuilder) -> None:
         first, stop = task.payload
-        options = scenes.SceneOptions(min_objects=self.cfg.min_objects, max_objects=self.cfg.max_objects)
+        options = self.cfg.scene_options()
         for number in range(first, stop):
             builder.add(self._candidate(make_key(task.index, number - first), number, options))
 
