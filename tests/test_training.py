@@ -121,6 +121,34 @@ def test_training_resumes_after_a_kill_and_exports_a_working_pipeline(ray_sessio
     assert worker["step"] == 40 and worker["position"]["batches"] + worker["position"]["epoch"] > 0
     images = generate(summary["pipeline"], ["A large red circle in the center."], height=32, width=32, steps=3)
     assert images[0].size == (32, 32)
+    _check_shipping(config, os.path.join(config.storage.root, "shipped"))
+
+
+def _check_shipping(config, out: str) -> None:
+    """The trained run as a shipped folder (float16 transformer, card with the eval's rates),
+    and its samples, drawn once and then found up to date."""
+    from safetensors import safe_open
+
+    from training.shipped import samples, ship
+
+    scores = {"categories": {"colour": {"score": 0.5, "ci95": [0.3, 0.7], "chance": 0.086, "n": 20}},
+              "settings": {"prompts_per_category": 10, "seeds": [0, 1], "steps": 4, "guidance_scale": 4.5, "resolution": 32}}
+    scores_path = os.path.join(config.storage.root, "scores.json")
+    with open(scores_path, "w") as f:
+        json.dump(scores, f)
+    ship(config, "s", out, scores=scores_path)
+    with safe_open(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    card = open(os.path.join(out, "README.md")).read()
+    assert "40 steps of 8 (320 images seen)" in card and "| colour | 50.0% | 30.0%-70.0% | 8.6% | 20 |" in card
+    assert json.load(open(os.path.join(out, "training.json")))["dataset"]["count"] == 48
+    grid = samples(out, ["A large red circle in the center.", "A small blue star."], os.path.join(out, "..", "samples"), steps=2)
+    from PIL import Image
+
+    assert Image.open(grid).size == (64, 32)
+    before = os.path.getmtime(grid)
+    assert samples(out, ["A large red circle in the center.", "A small blue star."], os.path.join(out, "..", "samples"),
+                   steps=2) == grid and os.path.getmtime(grid) == before  # up to date: not drawn again
 
 
 def test_two_workers_keep_identical_parameters(ray_session, write_config):
