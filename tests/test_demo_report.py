@@ -275,3 +275,20 @@ def test_write_after_nothing_ran_says_so(write_config, capsys):
                  "Not run: no training runs", "Not run: no longer-trained checkpoint"):
         assert line in text
     assert _assert_links_resolve(page) == []
+
+
+def test_write_shows_the_shipped_checkpoint_samples_and_card(write_config, capsys):
+    """The real shipped checkpoint: its samples drawn by `python -m training samples`, then the
+    page shows the grid and the card with its measured rates."""
+    from training.shipped import samples
+
+    path = _config_path(write_config)
+    config = load_config(path)
+    folder = REPO / "training" / "models" / "synthetic-pixart"
+    samples(str(folder), PROMPTS, str(Path(config.storage.root) / "samples" / folder.name), steps=2)
+    assert main(["write", "--config", str(path), "--shipped", str(folder)]) == 0
+    page = Path(capsys.readouterr().out.strip())
+    text = page.read_text()
+    assert f"### `{folder}`" in text and f"1. {PROMPTS[0]}" in text and "2 sampling steps" in text
+    assert "#### What its samples follow (make eval)" in text and "| binding |" in text
+    assert "images/extra/synthetic-pixart-grid.png" in _assert_links_resolve(page)

@@ -1,0 +1,73 @@
+"""The demo's shipped encoders (training/models/), loaded as any real one is: through
+from_pretrained(folder), checked on scenes they never saw."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from curation.synthetic import scenes
+from tests.conftest import REPO
+from training.train_vae import images
+
+MODELS = REPO / "training" / "models"
+
+
+def test_shipped_vae_reconstructs_unseen_scenes_and_matches_its_card():
+    from diffusers import AutoencoderKL
+
+    folder = MODELS / "synthetic-vae"
+    vae = AutoencoderKL.from_pretrained(folder).eval()
+    card = json.loads((folder / "training.json").read_text())
+    x = images(seed=12345, stream=7, index=0, count=8, resolution=64)  # a seed stream neither training nor its card used
+    with torch.inference_mode():
+        latents = vae.encode(x).latent_dist.mean
+        out = vae.decode(latents).sample.clamp(-1, 1)
+    mae = ((out - x).abs().mean() * 127.5).item()
+    assert mae < 2 * card["held_out"]["mae"]  # the card's figure, within noise of 8 scenes
+    assert latents.shape[1:] == (4, 32, 32)  # factor 2: 64 px -> 32x32x4, as the feature sets expect
+    assert abs((latents * vae.config.scaling_factor).std().item() - 1) < 0.2  # unit-variance latents
+
+
+def test_shipped_t5_knows_the_grammar_and_tells_captions_apart():
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    folder = MODELS / "synthetic-t5"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoder = T5EncoderModel.from_pretrained(folder).eval()
+    assert encoder.config.d_model == 64  # the demo PixArt's caption_channels
+    for word in scenes.vocabulary():
+        assert tokenizer.unk_token_id not in tokenizer(word).input_ids, word
+    red = "A large red circle on the left and a small blue star on the right, on a plain white background."
+    swapped = "A large blue circle on the left and a small red star on the right, on a plain white background."
+    with torch.inference_mode():
+        a, b = (encoder(**tokenizer([t], return_tensors="pt")).last_hidden_state[0] for t in (red, swapped))
+    assert a.shape == b.shape
+    # the colour words differ, and so do the states of the shapes they bind to ("circle", "star")
+    ids = tokenizer(red).input_ids
+    circle = ids.index(tokenizer("circle", add_special_tokens=False).input_ids[-1])
+    assert not torch.allclose(a[circle], b[circle], atol=1e-3)
+    assert json.loads((folder / "training.json").read_text())["held_out"]["dense_exact"] > 0.5
+    assert np.isfinite(a.numpy()).all()
+
+
+def test_shipped_pixart_draws_asked_backgrounds_above_chance():
+    """The shipped stage-2 checkpoint, judged as `make eval` judges it, on prompts of its own
+    suite seed: backgrounds follow the prompt well above chance (1/12). Its card holds the
+    full evaluation; objects do not follow yet (see the card)."""
+    from analysis.alignment import sample_case
+    from analysis.scene_check import judge, read_image
+    from training.models import generate, load_pipeline
+
+    folder = MODELS / "synthetic-pixart"
+    pipe = load_pipeline(str(folder), device="cpu")
+    pipe.transformer.float()
+    cases = [sample_case("background", i, seed=77) for i in range(32)]
+    images = generate(pipe, [c.prompt for c in cases], height=64, width=64, steps=20, seed=3)
+    right = sum(judge(c.scene, read_image(image))["background"] for c, image in zip(cases, images))
+    # 9 of 32 measured; chance is 2.7 of 32, and 7 or more by chance has p < 0.02
+    assert right >= 7, f"{right} of 32 backgrounds right"
+    card = json.loads((folder / "alignment.json").read_text())["categories"]["background"]
+    assert card["ci95"][0] > card["chance"]
