@@ -55,9 +55,14 @@ def curate(config: PipelinesConfig, dataset: str, restart: bool = False) -> dict
     with serving:
         stage = SOURCE_STAGES[type(cfg)](dataset, cfg, config.storage.root)
         fetch_summary = run_stage(stage, fetched, config.cluster, restart=restart)
-    cluster.connect(config.cluster)
-    dedup = DedupStage(dataset, fetched, cfg.filters, drops=find_drops(fetched, cfg.filters))
-    summary = run_stage(dedup, shards_output(config, dataset), config.cluster, restart=restart)
+    shards = shards_output(config, dataset)
+    if restart or not shards.is_complete():
+        cluster.connect(config.cluster)
+        drops = find_drops(fetched, cfg.filters)
+    else:
+        drops = {}  # every shard is made (run_stage still refuses a changed plan): no Ray, no index scan
+    dedup = DedupStage(dataset, fetched, cfg.filters, drops=drops)
+    summary = run_stage(dedup, shards, config.cluster, restart=restart)
     combined = {
         "dataset": dataset, "shards": summary["shards_complete"], "samples_in": fetch_summary["samples_in"],
         "samples_out": summary["samples_out"], "failures": fetch_summary["failures"],

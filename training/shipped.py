@@ -99,7 +99,8 @@ def model_card(name: str, summary: dict, evaluation: dict | None) -> str:
         f"{summary['hours']} hours of training.",
     ]
     if evaluation is not None:
-        lines += ["", "## What its samples follow (make eval)", "", evaluation_table(evaluation)]
+        lines += ["", "## What its samples follow (make eval)", "", evaluation_table(evaluation), "",
+                  "A rate inside its chance level's reach means the samples do not follow that part of the prompt."]
     return "\n".join(lines) + "\n"
 
 
