@@ -3,6 +3,7 @@
 #   make sources | make curate DATASET=sample-laion | make caption DATASET=sample-sam [CAPTIONER=x]
 #   make nouns [DATASET=a,b] [FIELDS=txt,synthetic-captioner] | make features DATASET=sample-sam
 #   make train-stage1 | make train-stage2 | make train-stage3   (each starts from the one before)
+#   make eval [PIPELINE=folder] | make train-stage2-long | make train-captioner | train-vae | train-text-encoder
 #   make validate DATASET=x [STAGE=shards]
 # CONFIG=other.yaml picks another config; SET="key.path=value other.key=value" overrides values.
 
@@ -109,7 +110,7 @@ eval: setup
 	$(PY) -m analysis.alignment eval $(PIPELINE) $(ARGS)
 
 # The demo's own models, trained here by the project's scripts (deterministic given SEED);
-# their weights and cards are committed under captioning/models/.
+# their weights and cards are committed under captioning/models/ and training/models/.
 # The captioner is a curriculum: 1-3 objects from scratch, then up to 6 (sample-sam's 3-6).
 CAPTIONER_PHASE1 := captioning/models/.phase1-synthetic-captioner
 train-captioner: setup
