@@ -136,8 +136,10 @@ def _match_kind(crop: np.ndarray) -> tuple[str, int, float, float, dict[str, flo
     longest = max(crop.shape)
     best: dict[str, tuple[float, int, float, float]] = {}
     # A star's pixels span ~0.95 x 0.9 of its square; JPEG rims and blur add a pixel or two.
+    low = max(5, longest - 2)  # a ring needs 5 px
     for kind in KINDS:
-        for extent in range(max(5, longest - 2), int(longest / 0.9) + 3):  # a ring needs 5 px
+        # at least one extent: a speck of 1-2 px (kept at small image sizes) still gets a reading
+        for extent in range(low, max(int(longest / 0.9) + 3, low + 1)):
             tpl, ox, oy = _template(kind, extent)
             score, dx, dy = _iou(crop, tpl)
             if kind not in best or score > best[kind][0]:

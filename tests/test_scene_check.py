@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from analysis.scene_check import CATEGORIES, judge, jpeg, min_area, read_image, validate
-from curation.synthetic.scenes import Scene, SceneObject, SceneOptions, describe, position_of, render
+from curation.synthetic.scenes import COLOURS, Scene, SceneObject, SceneOptions, describe, position_of, render
 
 
 def obj(kind: str, colour: str, size: str, centre: tuple[int, int], extent: int) -> SceneObject:
@@ -132,3 +132,13 @@ def test_no_shape_is_unknown_and_clutter_does_not_pass():
                                              obj("star", "red", "small", (50, 12), 13)))
     v = judge(wanted, read_image(render(drawn)))
     assert not v["object0.colour"] and v["object0.kind"] and not v["count"]
+
+
+def test_a_two_pixel_object_at_32_px_gets_a_reading():
+    # at 32 px the speck threshold is 4 px, so a 2x2 block is an object; it once left the
+    # template search with no extent to try and crashed the reading
+    arr = np.full((32, 32, 3), COLOURS["blue"], dtype=np.uint8)
+    arr[10:12, 20:22] = COLOURS["yellow"]
+    reading = read_image(Image.fromarray(arr))
+    assert reading.background == "blue"
+    assert [o.colour for o in reading.objects] == ["yellow"]
