@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -224,17 +223,10 @@ def evaluate(model, processor, cfg: CaptionerTrainConfig) -> tuple[dict[str, flo
 
 
 # --------------------------------------------------------------------------- training
-def _lr(cfg: CaptionerTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))  # cosine to 10%
-
-
 def train(out: str, cfg: CaptionerTrainConfig) -> dict:
     """Train (resuming from ``out``/.state.pt if a run was interrupted), evaluate on held-out
     scenes, and save the model, processor and card into ``out``."""
-    from training.checkpoint import ScriptState
+    from training.checkpoint import ScriptState, warmup_cosine
     from training.models import _write_folder
 
     torch.manual_seed(cfg.seed)
@@ -260,7 +252,7 @@ def train(out: str, cfg: CaptionerTrainConfig) -> dict:
     while step < cfg.steps:
         batch = training_batch(processor, cfg, draw_scenes(cfg.seed, 0, step, cfg.batch_size, cfg.max_objects))
         for group in optimizer.param_groups:
-            group["lr"] = _lr(cfg, step)
+            group["lr"] = warmup_cosine(cfg.lr, step, cfg.steps, cfg.warmup_steps, floor=0.1)
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -8,6 +8,7 @@ every rank has written, so a kill at any moment leaves either the old or the new
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -104,3 +105,12 @@ class ScriptState:
 
     def done(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def warmup_cosine(lr: float, step: int, steps: int, warmup_steps: int, floor: float) -> float:
+    """The shipped models' trainers' schedule: linear warm-up, then cosine decay to
+    ``floor`` x ``lr`` at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(steps - warmup_steps, 1)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))

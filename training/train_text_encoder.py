@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -135,13 +134,6 @@ def evaluate(model, tok, cfg: TextEncoderTrainConfig) -> dict[str, float]:  # no
         f"{k}_lines": len(v) for k, v in right.items()}
 
 
-def _lr(cfg: TextEncoderTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def encoder_only(model):  # noqa: ANN001  -> T5EncoderModel
     """The encoder half (shared embedding + encoder stack) as the T5EncoderModel PixArt loads."""
     from transformers import T5EncoderModel
@@ -156,7 +148,7 @@ def encoder_only(model):  # noqa: ANN001  -> T5EncoderModel
 
 def train(out: str, cfg: TextEncoderTrainConfig) -> dict:
     """Train (resuming from an interrupted run's state), measure, save the encoder + tokenizer."""
-    from training.checkpoint import ScriptState
+    from training.checkpoint import ScriptState, warmup_cosine
     from training.models import _write_folder, num_parameters
 
     torch.manual_seed(cfg.seed)
@@ -173,7 +165,7 @@ def train(out: str, cfg: TextEncoderTrainConfig) -> dict:
     window_start, window = time.monotonic(), 0
     while step < cfg.steps:
         for group in optimizer.param_groups:
-            group["lr"] = _lr(cfg, step)
+            group["lr"] = warmup_cosine(cfg.lr, step, cfg.steps, cfg.warmup_steps, floor=0.05)
         loss = model(**batch(tok, lines(cfg.seed, 0, step, cfg.batch_size, cfg))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

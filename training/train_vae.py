@@ -108,16 +108,9 @@ def evaluate(vae, cfg: VaeTrainConfig) -> dict[str, float]:  # noqa: ANN001
             "latent_mean": round(latents.mean().item(), 4), "latent_std": round(latents.std().item(), 4)}
 
 
-def _lr(cfg: VaeTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train(out: str, cfg: VaeTrainConfig) -> dict:
     """Train (resuming from an interrupted run's state), measure, save into ``out``."""
-    from training.checkpoint import ScriptState
+    from training.checkpoint import ScriptState, warmup_cosine
     from training.models import _write_folder
 
     torch.manual_seed(cfg.seed)
@@ -134,7 +127,7 @@ def train(out: str, cfg: VaeTrainConfig) -> dict:
     while step < cfg.steps:
         x = images(cfg.seed, 0, step, cfg.batch_size, cfg.resolution)
         for group in optimizer.param_groups:
-            group["lr"] = _lr(cfg, step)
+            group["lr"] = warmup_cosine(cfg.lr, step, cfg.steps, cfg.warmup_steps, floor=0.05)
         posterior = vae.encode(x).latent_dist
         out_ = vae.decode(posterior.sample()).sample
         reconstruction = (out_ - x).abs().mean()
