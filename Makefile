@@ -3,7 +3,7 @@
 #   make sources | make curate DATASET=sample-laion | make caption DATASET=sample-sam [CAPTIONER=x]
 #   make nouns [DATASET=a,b] [FIELDS=txt,synthetic-captioner] | make features DATASET=sample-sam
 #   make train-stage1 | make train-stage2 | make train-stage3   (each starts from the one before)
-#   make eval [PIPELINE=folder] | make train-stage2-long | make train-captioner | train-vae | train-text-encoder
+#   make eval [PIPELINE=folder] | make reproduce [SCALE=4] | make train-stage2-long | make train-captioner | train-vae | train-text-encoder
 #   make validate DATASET=x [STAGE=shards]
 # CONFIG=other.yaml picks another config; SET="key.path=value other.key=value" overrides values.
 
@@ -34,7 +34,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 train-captioner train-vae train-text-encoder train-stage2-long eval import-dit validate status config lock clean require-dataset
+.PHONY: setup demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 train-captioner train-vae train-text-encoder train-stage2-long eval reproduce import-dit validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -108,6 +108,12 @@ train-stage2-long: setup
 PIPELINE ?= $(SHIPPED_PIXART)
 eval: setup
 	$(PY) -m analysis.alignment eval $(PIPELINE) $(ARGS)
+
+# The paper's two claims in miniature (dense captions vs alt text; stage 1 first vs scratch):
+# trains both arms of each experiment, scores every export, writes <storage>/reports/reproduce/.
+# SCALE=4 runs every stage four times longer, as runs of their own.
+reproduce: setup
+	$(PY) -m analysis.reproduce $(if $(SCALE),--scale $(SCALE)) $(ARGS)
 
 # The demo's own models, trained here by the project's scripts (deterministic given SEED);
 # their weights and cards are committed under captioning/models/ and training/models/.

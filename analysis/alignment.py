@@ -129,6 +129,27 @@ def chance_levels(samples: int = 500, seed: int = 1, resolution: int = 64,
     return chance
 
 
+CHECKER_CONDITIONS: dict[str, dict[str, float]] = {"crisp": {}, "blur 1.0 + noise 8": {"blur": 1.0, "noise": 8.0}}
+
+
+def suite_checker_accuracy(prompts_per_category: int, suite_seed: int = 0, resolution: int = 64,
+                           sizes: Sequence[str] = SUITE_SIZES) -> dict[str, dict[str, float]]:
+    """Per condition and category, the share of the suite's own prompts whose true render
+    (crisp, or blurred and noised like a small model's output) passes: how often a model
+    that drew the prompt right would be scored right, at this resolution."""
+    from analysis.scene_check import degrade
+
+    suite = prompt_suite(prompts_per_category, suite_seed, resolution, sizes)
+    accuracy = {}
+    for name, kwargs in CHECKER_CONDITIONS.items():
+        hits: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
+        for i, case in enumerate(suite):
+            image = degrade(render(case.scene), kwargs.get("blur", 0.0), kwargs.get("noise", 0.0), seed=i)
+            hits[case.category].append(passes(case.category, judge(case.scene, read_image(image))))
+        accuracy[name] = {c: float(np.mean(v)) for c, v in hits.items()}
+    return accuracy
+
+
 # --------------------------------------------------------------------------- evaluation
 
 def _record(case: PromptCase, seed: int, generator_seed: int, path: Path, out_dir: Path,

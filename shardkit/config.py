@@ -367,6 +367,8 @@ class StageConfig(Strict):
     sample_sizes: list[tuple[int, int]] = []
     """(height, width) of the validation grids; default: the feature set's square resolution."""
     learned_sigma: bool = True
+    snr_gamma: float | None = Field(None, gt=0)
+    """Min-SNR-γ weighting of the epsilon loss (5 in its paper); None: uniform, as PixArt-α."""
     steps: int = Field(1000, gt=0)
     batch_size: int = Field(32, gt=0)
     """Per worker, per micro-step."""
@@ -385,6 +387,9 @@ class StageConfig(Strict):
     shuffle_buffer: int = Field(1000, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     sample_every: int = Field(500, gt=0)
+    export_every: int | None = Field(None, gt=0)
+    """Also export the EMA weights as a pipeline every this many steps and at the last one
+    (runs/<stage>/exports/step_N): the points of a learning curve (make reproduce)."""
     validation_prompts: list[str] = ["A large red circle in the center, on a plain blue background."]
     """Prompts of the sample grids; for a class stage, class names."""
     sample_steps: int = Field(20, gt=0)
@@ -410,6 +415,38 @@ class TrainingConfig(Strict):
     stages: dict[str, StageConfig] = {}
 
 
+# ---- make reproduce ------------------------------------------------------------------------
+
+class CurveEvalConfig(Strict):
+    """How each exported point of a learning curve is scored (analysis/alignment.py)."""
+    prompts: int = Field(60, gt=0)
+    """Held-out prompts per category: the same prompts at every point and in every arm."""
+    seeds: int = Field(1, gt=0)
+    steps: int = Field(20, gt=0)
+    guidance_scale: float = Field(4.5, ge=1)
+    suite_seed: int = 0
+
+
+class ExperimentConfig(Strict):
+    claim: str
+    """The paper's claim, as the report states it; the first arm is the one it favours."""
+    arms: dict[str, list[str]]
+    """Label -> training stages run in that order, each starting from the one before
+    (init_stage); the last one is text-conditioned and exports the curve's points
+    (export_every). An arm's compute is the sum of its stages' images."""
+
+    @model_validator(mode="after")
+    def _two_arms(self) -> "ExperimentConfig":
+        if len(self.arms) != 2 or any(not stages for stages in self.arms.values()):
+            raise ValueError("an experiment compares exactly two arms, each of one or more stages")
+        return self
+
+
+class ReproduceConfig(Strict):
+    eval: CurveEvalConfig = CurveEvalConfig()
+    experiments: dict[str, ExperimentConfig] = {}
+
+
 # ---- the whole file ------------------------------------------------------------------------
 
 class PipelinesConfig(Strict):
@@ -418,6 +455,7 @@ class PipelinesConfig(Strict):
     datasets: dict[str, DatasetConfig] = {}
     captioners: dict[str, CaptionerConfig] = {}
     analysis: AnalysisConfig = AnalysisConfig()
+    reproduce: ReproduceConfig = ReproduceConfig()
     training: TrainingConfig = TrainingConfig()
 
     @field_validator("datasets", "captioners")
@@ -462,6 +500,20 @@ class PipelinesConfig(Strict):
                                  f"defined: {', '.join(t.stages)}")
             if stage.init_stage == name:
                 raise ValueError(f"training.stages.{name}.init_stage: a stage cannot start from itself")
+        for name, experiment in self.reproduce.experiments.items():
+            for arm, stages in experiment.arms.items():
+                where = f"reproduce.experiments.{name}.arms.{arm}"
+                unknown = [s for s in stages if s not in t.stages]
+                if unknown:
+                    raise ValueError(f"{where}: no stage {unknown[0]!r}; defined: {', '.join(t.stages) or 'none'}")
+                for before, after in zip(stages, stages[1:]):
+                    if t.stages[after].init_stage != before:
+                        raise ValueError(f"{where}: {after} must start from {before} (init_stage), so that the "
+                                         "arm's compute is its stages' sum")
+                last = t.stages[stages[-1]]
+                if last.conditioning != "text" or not last.export_every:
+                    raise ValueError(f"{where}: its last stage {stages[-1]} must be text-conditioned and set "
+                                     "export_every (the curve's points)")
         return self
 
     def captioner(self, name: str) -> CaptionerConfig:

@@ -54,6 +54,12 @@ def test_objective_matches_ddpm_and_is_zero_for_a_perfect_model():
     assert diffusion.loss(wrong_variance, x0, x_t, t, noise)[1]["vb"] > 1e-3
     plain = Diffusion(learned_sigma=False)
     assert set(plain.loss(noise + 1, x0, x_t, t, noise)[1]) == {"mse"}
+    # Min-SNR-5: a unit error weighs 5/SNR where SNR > 5 (t = 1, 10) and fully where SNR < 5 (t = 500, 999)
+    weighted = Diffusion(learned_sigma=False, snr_gamma=5.0)
+    snr = weighted.snr[t].float()
+    assert float(snr[1]) > 5 > float(snr[2])
+    expected = torch.clamp(snr, max=5.0) / snr
+    assert weighted.loss(noise + 1, x0, x_t, t, noise)[0] == pytest.approx(float(expected.mean()), rel=1e-5)
 
 
 def test_caption_choice_mixes_alt_text_with_the_configured_probability():

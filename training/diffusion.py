@@ -5,6 +5,9 @@ trained with IDDPM's hybrid loss, MSE on epsilon plus the variational bound for 
 variance with the mean frozen. It is the paper's setting, and it keeps our models
 interchangeable with released PixArt checkpoints and with diffusers' PixArtAlphaPipeline,
 which drops the variance half at sampling time. `learned_sigma=False` trains plain epsilon.
+`snr_gamma` weights the epsilon MSE by Min-SNR-γ (Hang et al., 2023): min(SNR, γ) / SNR, so
+the nearly clean timesteps, whose fine detail dominates the uniform average, stop
+outweighing the noisy ones, where layout and colours are decided.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Diffusion:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     learned_sigma: bool = True
+    snr_gamma: float | None = None
 
     def __post_init__(self) -> None:
         betas = torch.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=torch.float64)
@@ -57,6 +61,7 @@ class Diffusion:
         self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / alphas_cumprod - 1).sqrt()
+        self.snr = alphas_cumprod / (1.0 - alphas_cumprod)
         # the first posterior variance is 0: IDDPM clips the log to the second value
         self.posterior_log_variance_clipped = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
         self.posterior_mean_coef1 = betas * prev.sqrt() / (1.0 - alphas_cumprod)
@@ -83,6 +88,9 @@ class Diffusion:
         channels = x0.shape[1]
         eps = model_output[:, :channels]
         mse = _per_sample_mean((eps - noise) ** 2)
+        if self.snr_gamma is not None:
+            snr = self.snr.to(t.device)[t].float()
+            mse = mse * torch.clamp(snr, max=self.snr_gamma) / snr
         if not self.learned_sigma:
             return mse.mean(), {"mse": mse.mean().item()}
         vb = self._vb(eps.detach(), model_output[:, channels:], x0, x_t, t)

@@ -59,6 +59,13 @@ class RunLayout:
         return os.path.join(self.root, "pipeline")
 
     @property
+    def exports(self) -> str:
+        return os.path.join(self.root, "exports")
+
+    def snapshot(self, step: int) -> str:
+        return os.path.join(self.exports, f"step_{step:06d}")
+
+    @property
     def metrics(self) -> str:
         return os.path.join(self.root, "metrics.jsonl")
 
@@ -150,7 +157,7 @@ def worker_loop(ctx: dict[str, Any]) -> None:
     reader = FeatureReader(features, rank, world, cfg.seed, cfg.shuffle_buffer, position,
                            needs_text=cfg.conditioning == "text", needs_label=cfg.conditioning == "class")
     batches = reader.batches(cfg.batch_size)
-    diffusion = Diffusion(learned_sigma=cfg.learned_sigma)
+    diffusion = Diffusion(learned_sigma=cfg.learned_sigma, snr_gamma=cfg.snr_gamma)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and device.type == "cuda")
     flops = _flops_per_image(base_model, ctx)
@@ -192,8 +199,11 @@ def worker_loop(ctx: dict[str, Any]) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
+            # warm-up as diffusers' EMAModel: with a fixed 0.999 the first thousand steps'
+            # average is mostly the random start, and early samples and exports look untrained
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             for e, p in zip(ema.parameters(), base_model.parameters()):
-                e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
+                e.lerp_(p.detach(), 1.0 - decay)
         step += 1
         window_images += micro_images * world  # a bucket's last batch of an epoch can be short
         micro_images = 0
@@ -216,6 +226,9 @@ def worker_loop(ctx: dict[str, Any]) -> None:
             _save_checkpoint(layout, step, rank, world, base_model, ema, optimizer, scheduler, reader.position, cfg)
         if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
             conditioning.sample_grids(ema, cfg, os.path.join(layout.samples, f"step_{step:06d}.png"))
+            ema.to(device)
+        if rank == 0 and cfg.export_every and (step % cfg.export_every == 0 or step == cfg.steps):
+            conditioning.export(ema, layout.snapshot(step))
             ema.to(device)
 
     digest = {"rank": rank, "step": step, "parameters_sha256": _digest(base_model), "position": asdict(reader.position)}
@@ -360,7 +373,7 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
 
 # What may change between a run and its resumption: how long, how it is watched and where it
 # runs. Anything else (model, data, objective, optimiser) would silently mix two experiments.
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every", "validation_prompts", "sample_steps",
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "export_every", "log_every", "validation_prompts", "sample_steps",
                      "guidance_scale", "sample_sizes", "workers", "gpus_per_worker", "cpus_per_worker", "peak_flops"}
 
 
