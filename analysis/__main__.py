@@ -7,9 +7,9 @@ import logging
 import sys
 from typing import Sequence
 
-from analysis.job import count_rows, find_rows
+from analysis.job import count_rows, find_rows, inputs_identity
 from analysis.nouns import load_nlp
-from analysis.report import write_report
+from analysis.report import current_report, write_report
 from shardkit.cli import config_from_args, dispatch, run_main
 from shardkit.config import ConfigError
 
@@ -29,6 +29,12 @@ def _nouns(args: argparse.Namespace) -> int:
     if not rows:
         raise ConfigError("no complete caption fields found: curate (and caption) datasets first")
     cfg = config.analysis.nouns
+    inputs = inputs_identity(config, rows)
+    current = current_report(config.storage.root, inputs)
+    if current is not None:
+        log.info("nouns: %s is current (counted from these %d caption fields' shards with this config); "
+                 "not counting again", current, len(rows))
+        return 0
     nlp = load_nlp(tuple(cfg.spacy_models))
     counts, timings = count_rows(config, rows)
     for row in [r for r, c in counts.items() if c.captions == 0]:
@@ -37,7 +43,7 @@ def _nouns(args: argparse.Namespace) -> int:
         del counts[row]
     settings = {"spacy_model": f"{nlp.meta['lang']}_{nlp.meta['name']} {nlp.meta['version']}",
                 "components": list(nlp.pipe_names), "config": cfg.model_dump()}
-    uri = write_report(config.storage.root, counts, settings, timings)
+    uri = write_report(config.storage.root, counts, settings, timings, inputs)
     for row, c in counts.items():
         s = c.statistics(cfg.valid_threshold, 5)
         log.info("%-34s VN/DN %d/%d = %.1f%%, total %d, average %.1f/img, %d images",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from analysis.nouns import NounCounts, count_texts, decode_caption, load_nlp
 from shardkit import cluster, storage
@@ -45,6 +47,26 @@ def find_rows(config: PipelinesConfig, datasets: list[str] | None = None, fields
                 continue
             rows.append(Row(name, field_name, output.uri, source))
     return rows
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def inputs_identity(config: PipelinesConfig, rows: list[Row]) -> dict[str, Any]:
+    """What the counts depend on: the rows, each stage output as it is now (its complete shards),
+    the noun settings and the installed spaCy and models. Read from package metadata, not by
+    loading spaCy: this decides whether counting (Ray, spaCy) is needed at all."""
+    cfg = config.analysis.nouns
+    return {
+        "rows": [{"dataset": r.dataset, "field": r.field, "source": r.source, "stage": r.stage_uri,
+                  "output": StageOutput(r.stage_uri).identity()} for r in rows],
+        "config": cfg.model_dump(mode="json"),
+        "spacy": {name: _version(name) for name in ["spacy", *cfg.spacy_models]},
+    }
 
 
 def count_shard(shard_uri: str, field_name: str, cfg: NounsConfig) -> NounCounts:

@@ -6,17 +6,17 @@ import io
 import json
 import logging
 import time
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from analysis.job import Row  # noqa: E402
-from analysis.nouns import NounCounts  # noqa: E402
-from shardkit import storage  # noqa: E402
+from analysis.job import Row
+from analysis.nouns import NounCounts
+from shardkit import storage
 
 log = logging.getLogger(__name__)
+
+RECORD = "nouns.json"
+"""Written last: its presence, with the inputs it records, means the whole report is there."""
+FILES = ("nouns.md", "table.png", "top_nouns.png", "nouns_per_caption.png", "zipf.png", RECORD)
 
 # Table 1 of the paper (NLTK noun counts), matched to our rows by source kind and field
 PAPER = {
@@ -41,7 +41,18 @@ def paper_row(row: Row) -> dict | None:
     return PAPER.get((row.source, "alt" if row.field == "txt" else "dense"))
 
 
+def _pyplot():  # noqa: ANN202
+    # imported on first plot: a run that finds its report current draws nothing
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(figure) -> bytes:  # noqa: ANN001
+    plt = _pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -49,6 +60,7 @@ def _png(figure) -> bytes:  # noqa: ANN001
 
 
 def _grid(count: int):  # noqa: ANN202
+    plt = _pyplot()
     columns = min(count, 3)
     rows = -(-count // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
@@ -69,6 +81,7 @@ def plot_top_nouns(stats: dict[Row, dict]) -> bytes:
 
 
 def plot_nouns_per_caption(counts: dict[Row, NounCounts]) -> bytes:
+    plt = _pyplot()
     figure, ax = plt.subplots(figsize=(7, 4))
     for row, c in counts.items():
         xs = sorted(c.per_caption)
@@ -82,6 +95,7 @@ def plot_nouns_per_caption(counts: dict[Row, NounCounts]) -> bytes:
 
 
 def plot_zipf(counts: dict[Row, NounCounts]) -> bytes:
+    plt = _pyplot()
     figure, ax = plt.subplots(figsize=(7, 4))
     for row, c in counts.items():
         frequencies = sorted(c.nouns.values(), reverse=True)
@@ -110,6 +124,7 @@ HEADER = ["Dataset / field", "VN/DN", "Total Noun", "Average", "Images", "Words/
 
 
 def plot_table(stats: dict[Row, dict]) -> bytes:
+    plt = _pyplot()
     lines = _table_rows(stats)
     figure, ax = plt.subplots(figsize=(11, 0.45 * (len(lines) + 2)))
     ax.axis("off")
@@ -124,8 +139,24 @@ def plot_table(stats: dict[Row, dict]) -> bytes:
     return _png(figure)
 
 
-def write_report(root: str, counts: dict[Row, NounCounts], settings: dict, timings: dict) -> str:
-    """Write the report and return the Markdown file's URI."""
+def current_report(root: str, inputs: dict[str, Any]) -> str | None:
+    """The Markdown file's URI when the report there is complete and was counted from exactly
+    `inputs` (analysis.job.inputs_identity); None when it must be counted (again)."""
+    out = storage.join(root, "reports", "nouns")
+    if not all(storage.exists(storage.join(out, name)) for name in FILES):
+        return None
+    try:
+        recorded = json.loads(storage.read_text(storage.join(out, RECORD))).get("inputs")
+    except (ValueError, AttributeError):
+        return None
+    same = json.dumps(recorded, sort_keys=True) == json.dumps(inputs, sort_keys=True)
+    return storage.join(out, "nouns.md") if same else None
+
+
+def write_report(root: str, counts: dict[Row, NounCounts], settings: dict, timings: dict,
+                 inputs: dict[str, Any] | None = None) -> str:
+    """Write the report and return the Markdown file's URI. `inputs` is recorded so that a
+    rerun on the same inputs can find the report current (current_report)."""
     cfg = settings["config"]
     stats = {row: c.statistics(cfg["valid_threshold"], cfg["top_nouns"]) for row, c in counts.items()}
     out = storage.join(root, "reports", "nouns")
@@ -137,8 +168,8 @@ def write_report(root: str, counts: dict[Row, NounCounts], settings: dict, timin
         "settings": settings, "timings": timings, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rows": [{"dataset": r.dataset, "field": r.field, "source": r.source, "stage": r.stage_uri,
                   **stats[r], "paper": paper_row(r)} for r in counts],
+        "inputs": inputs,
     }
-    storage.atomic_write(storage.join(out, "nouns.json"), json.dumps(record, indent=1))
     noun_kind = "NOUN and PROPN" if cfg["include_propn"] else "NOUN only (PROPN not counted)"
     md = [
         "# Concept density of captions (noun statistics)", "",
@@ -162,4 +193,5 @@ def write_report(root: str, counts: dict[Row, NounCounts], settings: dict, timin
            f"Counted in {timings['count_s']} s on Ray (start-up {timings['ray_start_s']} s apart).", ""]
     uri = storage.join(out, "nouns.md")
     storage.atomic_write(uri, "\n".join(md))
+    storage.atomic_write(storage.join(out, RECORD), json.dumps(record, indent=1))
     return uri

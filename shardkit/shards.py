@@ -10,6 +10,7 @@ complete only when its record exists: the record is written after the tar, atomi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import re
@@ -258,6 +259,21 @@ class StageOutput:
 
     def complete_shards(self) -> set[int]:
         return set(self.records())
+
+    def identity(self) -> str:
+        """A digest of what a reader of this output sees: the plan, and each complete shard's
+        record and tar size and modification time. A shard remade (a new record) or a tar
+        replaced after the fact changes it; listing and stat calls only, no tar is read."""
+        fs, _ = storage.filesystem(self.uri)
+        plan_uri = storage.join(self.uri, PLAN)
+        digest = hashlib.sha256(storage.read_bytes(plan_uri) if storage.exists(plan_uri) else b"")
+        for index, record in sorted(self.records().items()):
+            info = fs.info(storage.filesystem(self.shard_uri(index))[1])
+            # local files have an mtime; object stores name it otherwise, or give only an etag
+            stamp = next((info[k] for k in ("mtime", "LastModified", "updated", "ETag", "etag") if info.get(k)), "")
+            digest.update(_json_bytes({"shard": index, "record": dataclasses.asdict(record),
+                                       "size": info.get("size"), "stamp": str(stamp)}))
+        return digest.hexdigest()
 
     def is_complete(self) -> bool:
         plan = self.read_plan()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import pytest
 
@@ -113,3 +115,35 @@ def test_report_puts_the_papers_rows_beside_ours(ray_session, write_config, tmp_
     assert "| web / txt | 1/5 = 20.0% | 35 | 1.2/Img | 29 |" in markdown
     assert "*LAION (paper)* | *210K/2.5M = 8.5%* | *72.0M* | *6.4/Img*" in markdown
     assert "NOUN only (PROPN not counted)" in markdown
+
+
+def test_a_rerun_on_the_same_inputs_keeps_the_report_and_any_change_recounts(ray_session, write_config, tmp_path,
+                                                                             caplog):
+    caplog.set_level(logging.INFO, logger="analysis")
+    config = _config(write_config, tmp_path)
+    known = _write_stage(config.storage.root, "known", [c.encode() for c in CAPTIONS], per_shard=10)
+    record = tmp_path / "data" / "reports" / "nouns" / "nouns.json"
+
+    def run(*extra: str) -> tuple[dict, int]:
+        caplog.clear()
+        assert analysis_main(["nouns", "--config", str(tmp_path / "pipelines.yaml"), *extra]) == 0
+        return json.loads(record.read_text()), record.stat().st_mtime_ns
+
+    first, written = run()
+    assert first["inputs"]["rows"][0]["output"] == known.identity()
+    assert "not counting again" not in caplog.text
+    assert run() == (first, written)  # neither counted nor written again
+    assert "not counting again" in caplog.text
+
+    # a setting, a shard touched after the fact, a new caption field: each counts again
+    threshold_5, changed = run("--set", "analysis.nouns.valid_threshold=5")
+    assert changed != written and (threshold_5["rows"][0]["VN"], first["rows"][0]["VN"]) == (3, 1)
+    back, written = run()
+    assert back["rows"][0]["VN"] == 1 and written != changed
+    stat = os.stat(known.shard_uri(1))
+    os.utime(known.shard_uri(1), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert run()[1] != written and "not counting again" not in caplog.text
+    _write_stage(config.storage.root, "other", [c.encode() for c in CAPTIONS[:5]], per_shard=5)
+    both, written = run()
+    assert [(r["dataset"], r["images"]) for r in both["rows"]] == [("known", 29), ("other", 5)]
+    assert run() == (both, written) and "not counting again" in caplog.text

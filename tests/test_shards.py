@@ -94,3 +94,28 @@ def test_stage_output_tracks_completion_by_records(tmp_path):
     assert summary["shards_missing"] == []
     record = ShardRecord.from_json(json.loads(json.dumps(output.records()[0].to_json())))
     assert record.failures == [Failure("0000000002", "decode", "bad")]
+
+
+def test_stage_identity_follows_what_a_reader_would_see(tmp_path):
+    output = StageOutput.of(str(tmp_path), "ds", "shards")
+    output.write_plan(StagePlan("ds", "shards", num_shards=2))
+    for index in (0, 1):
+        write_shard(output.shard_uri(index), _samples(2, shard=index))
+    output.write_record(ShardRecord(0, 2, 2, 0.5))
+    partial = output.identity()
+    output.write_record(ShardRecord(1, 2, 2, 0.25))
+    complete = output.identity()
+    assert complete != partial  # a shard finished
+    # what a rerun of a complete stage rewrites (same plan, summary, fence) changes nothing
+    output.write_plan(StagePlan("ds", "shards", num_shards=2))
+    output.write_summary(summarise(output.read_plan(), output.records(), 1.0))
+    output.write_fence()
+    assert output.identity() == complete
+    # a tar replaced after its record, with other samples, or only touched, does
+    write_shard(output.shard_uri(1), _samples(3, shard=1))
+    assert output.identity() != complete
+    write_shard(output.shard_uri(1), _samples(2, shard=1))
+    stat = os.stat(output.shard_uri(1))
+    os.utime(output.shard_uri(1), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    touched = output.identity()
+    assert touched != complete and output.identity() == touched

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from shardkit.config import ConfigError, load_config, parse_config
+from shardkit.runner import StageError
 from shardkit.shards import Sample, StageOutput
 from shardkit.validate import validate_stage
 from tests.conftest import REPO
@@ -78,7 +79,8 @@ def test_caption_choice_mixes_alt_text_with_the_configured_probability():
 
 
 def test_features_hold_posteriors_and_valid_token_embeddings(ray_session, write_config):
-    config = load_config(_config(write_config))
+    path = _config(write_config)
+    config = load_config(path)
     summary = extract(config, "f")
     output = StageOutput.of(config.storage.root, "syn", "features/f")
     assert validate_stage(output.uri) == []
@@ -93,6 +95,16 @@ def test_features_hold_posteriors_and_valid_token_embeddings(ray_session, write_
         assert (from_stored(posterior)[1] > 0).all()  # a std, not a log-variance
     null = npy_array((open(os.path.join(output.uri, NULL_CAPTION), "rb").read()))
     assert null.shape[0] >= 1 and null.shape[1] == 64
+
+    # a rerun finds the set complete before the stage runner: no new run fence, no new summary
+    written = {name: (open(os.path.join(output.uri, name)).read(), os.stat(os.path.join(output.uri, name)).st_mtime_ns)
+               for name in ("_run", "_summary.json", "_plan.json")}
+    assert extract(config, "f") == summary
+    assert {name: (open(os.path.join(output.uri, name)).read(), os.stat(os.path.join(output.uri, name)).st_mtime_ns)
+            for name in written} == written
+    # a changed config is still refused as before, never taken as complete
+    with pytest.raises(StageError, match="another config"):
+        extract(load_config(path, ["training.features.f.resolution=64"]), "f")
 
 
 def _metrics(root: str) -> list[dict]:
@@ -118,6 +130,11 @@ def test_training_resumes_after_a_kill_and_exports_a_working_pipeline(ray_sessio
             os.killpg(driver.pid, signal.SIGKILL)
     summary = train(config, "s")
     assert summary["resumed_from"] >= 20
+    # trained and exported: the next run says so before importing Ray Train, diffusers or transformers
+    probe = ("import sys; from training.__main__ import main; assert main(['train', 's', '--config', sys.argv[1]]) == 0; "
+             "print(sorted(m for m in ('ray.train', 'diffusers', 'transformers') if m in sys.modules))")
+    rerun = subprocess.run([sys.executable, "-c", probe, str(path)], cwd=REPO, capture_output=True, text=True, check=True)
+    assert rerun.stdout.splitlines()[-1] == "[]" and "already trained to step 40" in rerun.stderr
     steps = [m["step"] for m in _metrics(run)]
     assert steps == list(range(5, 41, 5))  # continued: no step logged twice, none missing
     losses = [m["loss"] for m in _metrics(run)]

@@ -176,6 +176,31 @@ def load_vae(cfg: VaeConfig, device: str):
     return AutoencoderKL.from_pretrained(cfg.model, torch_dtype=getattr(torch, cfg.dtype)).to(device).eval()
 
 
+def feature_fields(cfg: FeaturesConfig, text_cfg: TextEncoderConfig | None) -> list[str]:
+    fields = [META, VAE_FIELD]
+    if text_cfg is not None:
+        fields += [CAPTION, TEXT_FIELD]
+    if cfg.label is not None:
+        fields.append(LABEL_FIELD)
+    return fields
+
+
+def feature_plan(name: str, cfg: FeaturesConfig, text_cfg: TextEncoderConfig | None, vae_cfg: VaeConfig,
+                 num_shards: int) -> StagePlan:
+    """The plan of `features/<name>`; a function of the configs alone, so that a complete
+    output can be checked against it without building the stage (its bucket table imports
+    diffusers)."""
+    return StagePlan(dataset=cfg.dataset, stage=stage_name(name), num_shards=num_shards,
+                     input_stage=input_stage(cfg), fields=feature_fields(cfg, text_cfg),
+                     config={"features": cfg.model_dump(mode="json"),
+                             "text_encoder": text_cfg.model_dump(mode="json") if text_cfg else None,
+                             "vae": vae_cfg.model_dump(mode="json"),
+                             # a model rebuilt or replaced in the same folder must not mix
+                             # its features with the old one's: the plan check catches it
+                             "fingerprints": {"text_encoder": fingerprint(text_cfg.model) if text_cfg else None,
+                                              "vae": fingerprint(vae_cfg.model)}})
+
+
 class FeatureStage:
     progress_counters: tuple[str, ...] = ("tokens",)
 
@@ -198,23 +223,10 @@ class FeatureStage:
         return {**self.__dict__, "models": None}
 
     def plan(self) -> StagePlan:
-        return StagePlan(dataset=self.cfg.dataset, stage=stage_name(self.name), num_shards=self.num_shards,
-                         input_stage=input_stage(self.cfg), fields=self.fields(),
-                         config={"features": self.cfg.model_dump(mode="json"),
-                                 "text_encoder": self.text_cfg.model_dump(mode="json") if self.text_cfg else None,
-                                 "vae": self.vae_cfg.model_dump(mode="json"),
-                                 # a model rebuilt or replaced in the same folder must not mix
-                                 # its features with the old one's: the plan check catches it
-                                 "fingerprints": {"text_encoder": fingerprint(self.text_cfg.model) if self.text_cfg else None,
-                                                  "vae": fingerprint(self.vae_cfg.model)}})
+        return feature_plan(self.name, self.cfg, self.text_cfg, self.vae_cfg, self.num_shards)
 
     def fields(self) -> list[str]:
-        fields = [META, VAE_FIELD]
-        if self.text_cfg is not None:
-            fields += [CAPTION, TEXT_FIELD]
-        if self.cfg.label is not None:
-            fields.append(LABEL_FIELD)
-        return fields
+        return feature_fields(self.cfg, self.text_cfg)
 
     def tasks(self) -> list[ShardTask]:
         return [ShardTask(i) for i in range(self.num_shards)]
@@ -336,11 +348,35 @@ def _ensure_tiny_models(config: PipelinesConfig, cfg: FeaturesConfig) -> None:
         models.build_vae(vae_cfg.model, seed=vae_cfg.tiny.seed)
 
 
+def complete_summary(config: PipelinesConfig, name: str) -> dict[str, Any] | None:
+    """The summary of `features/<name>` when there is nothing to do: its input and every shard
+    complete, its plan the one these configs and model folders give now, its summary written
+    to the end. None otherwise, and `extract` takes its usual path (which also reports a
+    changed config). Reads plans, records and the models' small files; no Ray, no models."""
+    cfg = config.training.features[name]
+    source = StageOutput.of(config.storage.root, cfg.dataset, input_stage(cfg))
+    output = StageOutput.of(config.storage.root, cfg.dataset, stage_name(name))
+    source_plan = source.read_plan()
+    if source_plan is None or not source.is_complete() or not output.is_complete():
+        return None
+    text_cfg = config.training.text_encoders[cfg.text_encoder] if cfg.text_encoder else None
+    expected = feature_plan(name, cfg, text_cfg, config.training.vaes[cfg.vae], source_plan.num_shards)
+    summary = output.read_summary()
+    if output.read_plan() != expected or not summary or "bytes_per_sample" not in summary or summary.get("shards_missing"):
+        return None
+    return summary
+
+
 def extract(config: PipelinesConfig, name: str, restart: bool = False) -> dict[str, Any]:
     """Make `features/<name>` of its dataset (captioning, and curating, first if needed)."""
     if name not in config.training.features:
         raise ValueError(f"training.features: no feature set {name!r}; defined: {', '.join(config.training.features) or 'none'}")
     cfg = config.training.features[name]
+    done = None if restart else complete_summary(config, name)
+    if done is not None:
+        log.info("%s/%s: already complete with this config and these models (%d shards, %d samples); skipped",
+                 cfg.dataset, stage_name(name), done["shards_complete"], done["samples_out"])
+        return done
     source = pipeline.ensure(config, cfg.dataset, input_stage(cfg))
     _ensure_tiny_models(config, cfg)
     output = StageOutput.of(config.storage.root, cfg.dataset, stage_name(name))

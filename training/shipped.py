@@ -123,15 +123,16 @@ def samples(folder: str, prompts: list[str], out: str, *, steps: int = 20, guida
             size: int | None = None) -> str:
     """A grid (one column per prompt) from the pipeline in `folder` into `out`/grid.png with
     prompts.json beside it; kept when the same pipeline weights, prompts and settings made it."""
-    from training.conditioning import _save_grid
-    from training.models import generate, load_pipeline, vae_scale_factor
-
     settings = {"prompts": prompts, "steps": steps, "guidance_scale": guidance_scale, "seed": SAMPLE_SEED,
                 "size": size, "weights": _weights_digest(folder)}
     record, grid = Path(out) / "prompts.json", Path(out) / "grid.png"
     if record.is_file() and grid.is_file() and json.loads(record.read_text()) == settings:
         log.info("samples of %s are up to date in %s", folder, out)
         return str(grid)
+    # torch and diffusers only now: a grid found up to date needs neither
+    from training.conditioning import _save_grid
+    from training.models import generate, load_pipeline, vae_scale_factor
+
     pipe = load_pipeline(folder, device="cpu")
     pipe.transformer.float()
     side = size or pipe.transformer.config.sample_size * vae_scale_factor(pipe.vae)

@@ -297,11 +297,6 @@ def _prompt_embeddings(text_cfg, prompts: list[str]) -> tuple[np.ndarray, np.nda
 
 def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[str, Any]:
     """Train `training.stages.<stage>`, resuming from its last checkpoint; returns a summary."""
-    from diffusers import AutoencoderKL
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer, TorchConfig
-    from transformers import T5Config
-
     if stage not in config.training.stages:
         raise TrainingError(f"training.stages: no stage {stage!r}; defined: {', '.join(config.training.stages) or 'none'}")
     cfg = config.training.stages[stage]
@@ -320,6 +315,12 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
     if found and found[0] >= cfg.steps and os.path.exists(os.path.join(layout.export, "model_index.json")):
         log.info("%s: already trained to step %d and exported to %s", stage, found[0], layout.export)
         return _summary(stage, cfg, layout, found, seconds=0.0)
+    # imported only now: seconds of start-up that a stage found trained and exported skips
+    from diffusers import AutoencoderKL
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer, TorchConfig
+    from transformers import T5Config
+
     vae_config = AutoencoderKL.load_config(vae_cfg.model)
     ctx = {
         "stage": cfg.model_dump(mode="json"), "run_root": layout.root, "features_uri": features.uri, "init": init,

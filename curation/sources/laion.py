@@ -25,10 +25,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# img2dataset imports albumentations, which asks the network for a newer version at import
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-from img2dataset.downloader import Downloader  # noqa: E402
-
 from curation.fetch import Candidate, FetchStage, ShardBuilder
 from curation.urls import check_url, guarded_urlopen
 from shardkit import storage
@@ -132,6 +128,12 @@ class LaionStage(FetchStage):
             self._download(task.index, wanted, builder)
 
     def _download(self, shard: int, wanted: list[Candidate], builder: ShardBuilder) -> None:
+        # imported here, in the worker that downloads: it costs seconds (torch, wandb,
+        # albumentations), which a run that finds its shards complete never needs;
+        # albumentations asks the network for a newer version at import unless told not to
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+        from img2dataset.downloader import Downloader
+
         by_key = {c.key: c for c in wanted}
         results: list[tuple[Any, dict[str, Any]]] = []
         collector = type("Collector", (_Collector,), {"sink": results})
