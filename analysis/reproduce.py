@@ -165,9 +165,14 @@ def paired_difference(a: Sequence[Point], b: Sequence[Point], category: str) -> 
     return {"curve": summary(shared), "last": summary(shared[-1:])}
 
 
-def off_chance(points: Sequence[Point], category: str) -> bool:
-    """Whether any point's Wilson interval lies wholly above chance."""
-    return any(p.scores[category]["ci95"][0] > (p.scores[category]["chance"] or 0.0) for p in points)
+def learned(points: Sequence[Point], category: str) -> bool:
+    """Whether the arm ends its budget above chance: its last point's Wilson interval lies
+    wholly above it. Any point would do too easily: seven categories times several points
+    give a blip somewhere (an untrained model's mottled colours match a prompt's now and then)."""
+    if not points:
+        return False
+    last = points[-1].scores[category]
+    return last["ci95"][0] > (last["chance"] or 0.0)
 
 
 def verdict(difference: dict[str, Any] | None, trusted: bool, learned: bool) -> str:
@@ -268,7 +273,7 @@ def _experiment_markdown(result: dict[str, Any]) -> list[str]:
 def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> Path:
     ev = meta["eval"]
     lines = ["# PixArt-α's claims in miniature", "",
-             f"Written by `make reproduce` ({meta['command']}) on {meta['written']}. Every arm is scored by the "
+             f"Written by `{meta['command']}` on {meta['written']}. Every arm is scored by the "
              f"alignment evaluator (`analysis/alignment.py`): {ev['prompts']} held-out prompts per category × "
              f"{ev['seeds']} seed(s), {ev['steps']} sampling steps, guidance {ev['guidance_scale']}, at "
              f"{meta['resolution']} px; the same prompts at every point and in every arm. Chance is the score of a "
@@ -281,7 +286,7 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out: Path)
         lines.append(f"| {category} | " + " | ".join(_pct(acc[category]) for acc in meta["checker"].values()) + " |")
     lines += ["", "A verdict of *holds* means the favoured arm's mean pass rate along the shared points is higher "
               "with the 95% interval of the difference above zero; *reversed* the opposite; *not learned* that "
-              "neither arm's interval rose above chance at any point, so the budget was too small to tell.", ""]
+              "neither arm ended its budget with its interval above chance, so the budget was too small to tell.", ""]
     for result in results:
         lines += _experiment_markdown(result)
     lines += ["Numbers: `results.json`; every image and verdict: each run's `curve/step_N/` folder "
@@ -317,14 +322,14 @@ def run_experiment(config: PipelinesConfig, name: str, out: Path, checker: dict[
     categories = {}
     for category in CATEGORIES:
         difference = paired_difference(a, b, category)
-        learned = off_chance(a, category) or off_chance(b, category)
+        learned_by_end = learned(a, category) or learned(b, category)
         trusted = checker[category] >= TRUSTED_ACCURACY
         last = {arm: next((p.scores[category] for p in points if p.images == shared[-1]), None) if shared else None
                 for arm, points in curves.items()}
         chance = next((p.scores[category]["chance"] for ps in curves.values() for p in ps), float("nan"))
-        categories[category] = {"last": last, "difference": difference, "learned": learned, "chance": chance,
+        categories[category] = {"last": last, "difference": difference, "learned": learned_by_end, "chance": chance,
                                 "checker": checker[category], "trusted": trusted,
-                                "verdict": verdict(difference, trusted, learned)}
+                                "verdict": verdict(difference, trusted, learned_by_end)}
     plot_name = f"{name}.png"
     plot(name, experiment.claim, curves, {c: v["trusted"] for c, v in categories.items()}, out / plot_name)
     return {"name": name, "claim": experiment.claim, "arms": arms, "categories": categories,
@@ -380,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def go(_: Sequence[str] | None) -> int:
         report = reproduce(config_from_args(args), args.experiments.split(",") if args.experiments else None,
-                           args.scale, args.out, command="python -m analysis.reproduce " + " ".join(argv or sys.argv[1:]))
+                           args.scale, args.out, command=" ".join(["python -m analysis.reproduce", *(argv or sys.argv[1:])]))
         log.info("report: %s", report)
         print(report)
         return 0

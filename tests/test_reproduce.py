@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from analysis.reproduce import Point, overall, paired_difference, reproduce, scaled, verdict
+from analysis.reproduce import Point, learned, overall, paired_difference, reproduce, scaled, verdict
 from shardkit.config import load_config
 
 KINDS = ["circle", "square", "triangle", "star", "ring"]
@@ -114,6 +114,15 @@ def test_paired_difference_is_averaged_along_the_shared_points():
     lo, hi = d["curve"]["ci95"]
     assert lo < d["curve"]["difference"] < hi
     assert paired_difference(a, [_point(7, [True] * 4)], "colour") is None
+
+
+def test_learned_means_ending_the_budget_above_chance_not_a_blip_on_the_way():
+    def at(lo: float) -> Point:
+        return Point("s", 0, 0, {"colour": {"score": lo + 0.05, "ci95": [lo, lo + 0.1], "chance": 0.1}})
+
+    assert learned([at(0.0), at(0.2)], "colour")
+    assert not learned([at(0.2), at(0.05)], "colour")  # above chance once, back at it by the end
+    assert not learned([], "colour")
 
 
 def test_verdicts_say_plainly_when_a_claim_is_not_measured():
