@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from analysis.alignment import CATEGORIES, chance_levels, evaluate, suite_checker_accuracy, wilson
+from analysis.alignment import CATEGORIES, chance_levels, evaluate, suite_checker_accuracy
 from shardkit import storage
 from shardkit.config import ConfigError, CurveEvalConfig, PipelinesConfig, StageConfig
 
@@ -340,8 +340,6 @@ def run_experiment(config: PipelinesConfig, name: str, out: Path, checker: dict[
 def reproduce(config: PipelinesConfig, experiments: Sequence[str] | None = None, scale: float = 1.0,
               out: str | None = None, command: str = "make reproduce") -> Path:
     """Train, score and report the experiments; returns the report's path."""
-    from training.models import vae_scale_factor  # noqa: F401  (fail early if training is not installed)
-
     config = scaled(config, scale)
     names = list(experiments or config.reproduce.experiments)
     unknown = [n for n in names if n not in config.reproduce.experiments]
