@@ -69,6 +69,11 @@ def images_per_step(cfg: StageConfig) -> int:
     return cfg.batch_size * cfg.grad_accum * cfg.workers
 
 
+def earlier_images(config: PipelinesConfig, stages: Sequence[str]) -> int:
+    """Training images of an arm's stages before its scored (last) one."""
+    return sum(config.training.stages[s].steps * images_per_step(config.training.stages[s]) for s in stages[:-1])
+
+
 def stage_seconds(metrics_path: Path, cfg: StageConfig) -> float | None:
     """Training wall time from the logged rates (resumed runs included, pauses excluded)."""
     if not metrics_path.exists():
@@ -118,7 +123,7 @@ def arm_curve(config: PipelinesConfig, stages: Sequence[str], ev: CurveEvalConfi
     """Score every export of the arm's last stage; x is the arm's training images so far."""
     from training.trainer import run_layout
 
-    offset = sum(config.training.stages[s].steps * images_per_step(config.training.stages[s]) for s in stages[:-1])
+    offset = earlier_images(config, stages)
     last = stages[-1]
     layout = run_layout(config, last)
     per_step = images_per_step(config.training.stages[last])
@@ -202,7 +207,9 @@ def overall(verdicts: dict[str, str]) -> str:
 
 # --------------------------------------------------------------------------- report
 
-def plot(name: str, claim: str, curves: dict[str, list[Point]], trusted: dict[str, bool], path: Path) -> None:
+def plot(name: str, claim: str, curves: dict[str, list[Point]], trusted: dict[str, bool], path: Path,
+         earlier: dict[str, int] | None = None) -> None:
+    """`earlier`: per arm, the images of its stages before the scored one (shaded: no points)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -219,6 +226,8 @@ def plot(name: str, claim: str, curves: dict[str, list[Point]], trusted: dict[st
             hi = [p.scores[category]["ci95"][1] for p in points]
             ax.plot(x, y, "o-", color=colour, label=arm, markersize=3)
             ax.fill_between(x, lo, hi, color=colour, alpha=0.15)
+            if (earlier or {}).get(arm):
+                ax.axvspan(0, earlier[arm] / 1000, color=colour, alpha=0.07, label=f"{arm}: earlier stages")
         chance = next((p.scores[category]["chance"] for ps in curves.values() for p in ps), None)
         if chance is not None:
             ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
@@ -331,7 +340,8 @@ def run_experiment(config: PipelinesConfig, name: str, out: Path, checker: dict[
                                 "checker": checker[category], "trusted": trusted,
                                 "verdict": verdict(difference, trusted, learned_by_end)}
     plot_name = f"{name}.png"
-    plot(name, experiment.claim, curves, {c: v["trusted"] for c, v in categories.items()}, out / plot_name)
+    earlier = {arm: earlier_images(config, stages) for arm, stages in experiment.arms.items()}
+    plot(name, experiment.claim, curves, {c: v["trusted"] for c, v in categories.items()}, out / plot_name, earlier)
     return {"name": name, "claim": experiment.claim, "arms": arms, "categories": categories,
             "last_images": shared[-1] if shared else None, "plot": plot_name,
             "overall": overall({c: v["verdict"] for c, v in categories.items()})}
