@@ -157,10 +157,11 @@ def paired_difference(a: Sequence[Point], b: Sequence[Point], category: str) -> 
         return None
 
     def summary(pairs: list[tuple[Point, Point]]) -> dict[str, Any]:
-        units = sorted(_passes_by_unit(pairs[0][0].records, category))
-        diffs = np.array([[float(_passes_by_unit(pa.records, category).get(u, False))
-                           - float(_passes_by_unit(pb.records, category).get(u, False)) for u in units]
-                          for pa, pb in pairs]).mean(axis=0)
+        rows = []
+        for pa, pb in pairs:  # each point's verdicts indexed once, not once per unit
+            passed_a, passed_b = _passes_by_unit(pa.records, category), _passes_by_unit(pb.records, category)
+            rows.append([float(passed_a[u]) - float(passed_b.get(u, False)) for u in sorted(passed_a)])
+        diffs = np.array(rows).mean(axis=0)
         n = len(diffs)
         mean = float(diffs.mean()) if n else float("nan")
         half = 1.96 * float(diffs.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
