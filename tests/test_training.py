@@ -112,7 +112,7 @@ def _metrics(root: str) -> list[dict]:
 
 
 def test_training_resumes_after_a_kill_and_exports_a_working_pipeline(ray_session, write_config):
-    path = _config(write_config, steps=40)
+    path = _config(write_config, steps=40, export_every=20)
     config = load_config(path)
     extract(config, "f")  # made first so the killed run spends its time training
     run = os.path.join(config.storage.root, "runs", "s")
@@ -165,6 +165,13 @@ def _check_shipping(config, out: str) -> None:
     card = open(os.path.join(out, "README.md")).read()
     assert "40 steps of 8 (320 images seen)" in card and "| colour | 50.0% | 30.0%-70.0% | 8.6% | 20 |" in card
     assert json.load(open(os.path.join(out, "training.json")))["dataset"]["count"] == 48
+    # a run that spans sessions ships its export at a step, and its card says how far it had got
+    interim = ship(config, "s", out + "-interim", step=20)
+    card = open(os.path.join(interim, "README.md")).read()
+    assert "20 steps of 8 (160 images seen), an interim export of a run planned for 40 steps" in card
+    assert json.load(open(os.path.join(interim, "training.json")))["steps"] == 20
+    with pytest.raises(FileNotFoundError, match="step_000030"):
+        ship(config, "s", out + "-none", step=30)
     grid = samples(out, ["A large red circle in the center.", "A small blue star."], os.path.join(out, "..", "samples"), steps=2)
     from PIL import Image
 

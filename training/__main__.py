@@ -38,7 +38,7 @@ def _train(args: argparse.Namespace) -> int:
 def _ship(args: argparse.Namespace) -> int:
     from training.shipped import ship
 
-    ship(config_from_args(args), args.stage, args.out, scores=args.scores)
+    ship(config_from_args(args), args.stage, args.out, scores=args.scores, step=args.step)
     return 0
 
 
@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ship.add_argument("stage")
     ship.add_argument("out")
     ship.add_argument("--scores", help="make eval's scores.json of the export, for the card")
+    ship.add_argument("--step", type=int, help="ship the run's export at this step (runs/<stage>/exports/step_N)")
     ship.set_defaults(handler=_ship)
     sample = commands.add_parser("samples", help="one grid of prompts from a PixArt pipeline folder")
     sample.add_argument("folder")

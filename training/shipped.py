@@ -27,12 +27,14 @@ CARD = "README.md"
 SAMPLE_SEED = 0
 
 
-def run_summary(config: PipelinesConfig, stage: str) -> dict[str, Any]:
-    """What runs/<stage> did: steps, images seen, loss first/last, images/s and hours."""
+def run_summary(config: PipelinesConfig, stage: str, step: int | None = None) -> dict[str, Any]:
+    """What runs/<stage> did (up to `step`, if given): steps, images seen, loss first/last,
+    images/s and hours."""
     from training.trainer import run_layout
 
     layout = run_layout(config, stage)
-    metrics = [json.loads(line) for line in open(layout.metrics) if line.strip()]
+    metrics = [m for m in (json.loads(line) for line in open(layout.metrics) if line.strip())
+               if step is None or m["step"] <= step]
     if not metrics:
         raise FileNotFoundError(f"{layout.metrics}: no metrics; train the stage first (make train-{stage})")
     cfg = config.training.stages[stage]
@@ -42,22 +44,27 @@ def run_summary(config: PipelinesConfig, stage: str) -> dict[str, Any]:
     return {"stage": stage, "steps": metrics[-1]["step"], "images_seen": images, "batch_size": cfg.batch_size,
             "first_loss": round(metrics[0]["loss"], 4), "last_loss": round(metrics[-1]["loss"], 4),
             "median_images_per_s": median, "hours": round(images / median / 3600, 2) if median else None,
-            "config": cfg.model_dump(mode="json")}
+            "planned_steps": cfg.steps, "config": cfg.model_dump(mode="json")}
 
 
-def ship(config: PipelinesConfig, stage: str, out: str, scores: str | None = None) -> str:
+def ship(config: PipelinesConfig, stage: str, out: str, scores: str | None = None, step: int | None = None) -> str:
     """Copy runs/<stage>/pipeline into `out` (transformer in float16) with training.json, the
-    evaluation's scores (if given) and a card; replaces `out` atomically."""
+    evaluation's scores (if given) and a card; replaces `out` atomically.
+
+    `step` ships the run's export at that step (runs/<stage>/exports/step_N, written every
+    `export_every` steps) instead: an interim checkpoint of a run that takes several sessions,
+    whose card says how far the run had got."""
     import torch
     from diffusers import PixArtAlphaPipeline
 
     from training.models import _write_folder
     from training.trainer import run_layout
 
-    export = run_layout(config, stage).export
+    layout = run_layout(config, stage)
+    export = layout.export if step is None else layout.snapshot(step)
     if not os.path.isfile(os.path.join(export, "model_index.json")):
         raise FileNotFoundError(f"{export}: no exported pipeline; run `make train-{stage}` first")
-    summary = run_summary(config, stage)
+    summary = run_summary(config, stage, step)
     features = config.training.features[config.training.stages[stage].features]
     summary["features"] = features.model_dump(mode="json")
     summary["dataset"] = config.datasets[features.dataset].model_dump(mode="json")
@@ -92,7 +99,9 @@ def model_card(name: str, summary: dict, evaluation: dict | None) -> str:
         f"{summary['features']['resolution']} px.",
         f"- Data: {data['count']} scenes of {data['min_objects']}-{data['max_objects']} objects "
         f"(dataset seed {data['seed']}), captioned by their exact descriptions.",
-        f"- {summary['steps']} steps of {summary['batch_size']} ({summary['images_seen']:,} images seen), "
+        f"- {summary['steps']} steps of {summary['batch_size']} ({summary['images_seen']:,} images seen)"
+        + (f", an interim export of a run planned for {summary['planned_steps']} steps"
+           if summary.get("planned_steps", summary["steps"]) > summary["steps"] else "") + "; "
         f"AdamW lr {cfg['lr']}, EMA {cfg['ema_decay']}, caption dropout {cfg['caption_dropout']}; loss "
         f"{summary['first_loss']} -> {summary['last_loss']}.",
         f"- Speed: {summary['median_images_per_s']} images/s on the 2-vCPU development machine, about "
