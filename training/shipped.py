@@ -44,7 +44,7 @@ def run_summary(config: PipelinesConfig, stage: str, step: int | None = None) ->
     return {"stage": stage, "steps": metrics[-1]["step"], "images_seen": images, "batch_size": cfg.batch_size,
             "first_loss": round(metrics[0]["loss"], 4), "last_loss": round(metrics[-1]["loss"], 4),
             "median_images_per_s": median, "hours": round(images / median / 3600, 2) if median else None,
-            "planned_steps": cfg.steps, "config": cfg.model_dump(mode="json")}
+            "config": cfg.model_dump(mode="json")}
 
 
 def ship(config: PipelinesConfig, stage: str, out: str, scores: str | None = None, step: int | None = None) -> str:
@@ -100,8 +100,8 @@ def model_card(name: str, summary: dict, evaluation: dict | None) -> str:
         f"- Data: {data['count']} scenes of {data['min_objects']}-{data['max_objects']} objects "
         f"(dataset seed {data['seed']}), captioned by their exact descriptions.",
         f"- {summary['steps']} steps of {summary['batch_size']} ({summary['images_seen']:,} images seen)"
-        + (f", an interim export of a run planned for {summary['planned_steps']} steps"
-           if summary.get("planned_steps", summary["steps"]) > summary["steps"] else "") + "; "
+        + (f", an interim export of a run planned for {cfg['steps']} steps" if cfg["steps"] > summary["steps"] else "")
+        + "; "
         f"AdamW lr {cfg['lr']}, EMA {cfg['ema_decay']}, caption dropout {cfg['caption_dropout']}; loss "
         f"{summary['first_loss']} -> {summary['last_loss']}.",
         f"- Speed: {summary['median_images_per_s']} images/s on the 2-vCPU development machine, about "
