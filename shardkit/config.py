@@ -41,6 +41,11 @@ class ClusterConfig(Strict):
     ship_code: bool = False
     """Send this project's packages to the cluster's workers (runtime_env py_modules) instead
     of expecting them installed on every node."""
+    in_process: bool = False
+    """Make shard stages (fetching, captions, features) one shard after another in this
+    process, and train as one worker on this machine's GPU (or CPU), without Ray: for one
+    GPU box without a Ray install, or a debugger. Curation's dedup and the noun job still
+    start Ray."""
 
     def resolved_address(self) -> str | None:
         return os.environ.get("RAY_ADDRESS") or self.address

@@ -160,13 +160,28 @@ def run_stage(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterConfig
     else:
         log.info("%s: %d of %d shards to make (%d already complete)",
                  label, len(pending), plan.num_shards, len(done))
-        _run_pending(stage, output, cluster_cfg, pending, label, max_in_flight)
+        run = _run_pending_here if cluster_cfg.in_process else _run_pending
+        run(stage, output, cluster_cfg, pending, label, max_in_flight)
 
     summary = summarise(plan, output.records(), time.monotonic() - started)
     output.write_summary(summary)
     if summary["shards_missing"]:
         raise StageError(f"{label}: shards {summary['shards_missing']} failed; rerun to retry them")
     return summary
+
+
+def _run_pending_here(stage: ShardStage, output: StageOutput, _cluster_cfg: ClusterConfig,
+                      pending: list[ShardTask], label: str, _max_in_flight: int | None) -> None:
+    """cluster.in_process: the same shards, one after another in this process, the model
+    (if the stage holds one) loaded once."""
+    if hasattr(stage, "setup"):
+        stage.setup()
+    progress = _Progress(label, len(pending), tuple(getattr(stage, "progress_counters", ())))
+    for task in pending:
+        try:
+            progress.update(_run_one(stage, task, output))
+        except Exception as exc:  # noqa: BLE001 - one bad shard must not stop the others
+            log.error("%s: shard %05d failed: %s", label, task.index, exc)
 
 
 def _run_pending(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterConfig,

@@ -104,3 +104,25 @@ def test_a_task_orphaned_by_an_older_run_cannot_overwrite_the_newer_runs_output(
         _run_one(stage, stage.tasks()[1], stale)
     assert open(fetched.shard_uri(1), "rb").read() == before
     assert not [n for n in os.listdir(fetched.uri) if "staged" in n]
+
+
+def test_a_curated_synthetic_stage_travels_as_its_scenes_and_renders_back_byte_identical(ray_session, write_config,
+                                                                                          tmp_path):
+    from curation.synthetic import portable
+
+    config = load_config(write_config(DATASET))
+    curate(config, "syn")
+    output = shards_output(config, "syn")
+    archive = str(tmp_path / "syn.tar.xz")
+    assert portable.pack(output.uri, archive) == 23
+    assert os.path.getsize(archive) < sum(os.path.getsize(output.shard_uri(i)) for i in range(3)) / 3
+    rebuilt = StageOutput(str(tmp_path / "rebuilt"))
+    assert portable.unpack(archive, rebuilt.uri) == {"samples": 23, "mismatched": 0}
+    # the stage travels without its input (`fetched`), which validation would look for beside it
+    assert rebuilt.is_complete() and [p for p in validate_stage(rebuilt.uri) if "input shard" not in p.what] == []
+    assert [(s.key, s.fields) for s in rebuilt.samples()] == [(s.key, s.fields) for s in output.samples()]
+    with pytest.raises(portable.PortableError, match="exists"):
+        portable.unpack(archive, rebuilt.uri)
+    os.remove(output.record_uri(2))
+    with pytest.raises(portable.PortableError, match="not a complete stage"):
+        portable.pack(output.uri, str(tmp_path / "partial.tar.xz"))

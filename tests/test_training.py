@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from shardkit import pipeline
 from shardkit.config import ConfigError, load_config, parse_config
 from shardkit.runner import StageError
 from shardkit.shards import Sample, StageOutput
@@ -179,6 +180,32 @@ def _check_shipping(config, out: str) -> None:
     before = os.path.getmtime(grid)
     assert samples(out, ["A large red circle in the center.", "A small blue star."], os.path.join(out, "..", "samples"),
                    steps=2) == grid and os.path.getmtime(grid) == before  # up to date: not drawn again
+
+
+def test_in_process_extracts_and_trains_without_ray_and_resumes(ray_session, write_config):
+    """cluster.in_process (a one-GPU box without Ray): features and training run in the driver
+    with no Ray imported, and a longer rerun resumes from the last checkpoint."""
+    path = _config(write_config, steps=12, checkpoint_every=6, sample_every=12, export_every=12, log_every=3)
+    config = load_config(path)
+    pipeline.ensure(config, "syn", "shards")  # curation's dedup uses Ray; nothing after it may
+    probe = ("import sys\n"
+             "from shardkit.config import load_config\n"
+             "from training.features import extract\n"
+             "from training.trainer import train\n"
+             "config = load_config(sys.argv[1], ['cluster.in_process=true'])\n"
+             "features = extract(config, 'f')\n"
+             "first = train(config, 's')\n"
+             "longer = train(load_config(sys.argv[1], ['cluster.in_process=true', 'training.stages.s.steps=18']), 's')\n"
+             "print(features['samples_out'], first['resumed_from'], longer['resumed_from'], 'ray' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-4:] == ["48", "0", "12", "False"]
+    run = os.path.join(config.storage.root, "runs", "s")
+    assert [m["step"] for m in _metrics(run)] == list(range(3, 19, 3))  # continued, nothing logged twice
+    assert json.load(open(os.path.join(run, "worker0.json")))["step"] == 18
+    assert os.path.exists(os.path.join(run, "exports", "step_000012", "model_index.json"))
+    images = generate(os.path.join(run, "pipeline"), ["A large red circle in the center."], height=32, width=32, steps=3)
+    assert images[0].size == (32, 32)
 
 
 def test_two_workers_keep_identical_parameters(ray_session, write_config):

@@ -3,7 +3,8 @@
 The driver (`train`) prepares what the workers need: the feature stage (made first if
 missing), the run folders, the validation prompts' embeddings. Each worker (`worker_loop`)
 trains on its own disjoint shards; rank 0 logs, samples and exports. Stages differ by
-config only.
+config only. With cluster.in_process the same loop runs once in the driver, on its GPU if it
+has one, with no Ray at all (one-GPU boxes, debuggers).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -105,18 +106,47 @@ def _digest(model) -> str:  # noqa: ANN001
     return h.hexdigest()
 
 
-def worker_loop(ctx: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+@dataclass(frozen=True)
+class Worker:
+    """Where a worker runs: its rank among `world`, its device, and how its model is
+    wrapped for data parallelism."""
+    rank: int
+    world: int
+    device: torch.device
+    prepare: Callable[[torch.nn.Module], torch.nn.Module]
+
+
+def ray_worker() -> Worker:
     import ray.train
     import ray.train.torch
 
+    context = ray.train.get_context()
+    return Worker(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
+                  ray.train.torch.prepare_model)
+
+
+def this_process_worker() -> Worker:
+    """cluster.in_process: the only worker, on this machine's first GPU if it has one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Worker(0, 1, device, lambda model: model)
+
+
+def ray_worker_loop(ctx: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker (one argument)."""
+    worker_loop(ctx, ray_worker())
+
+
+def worker_loop(ctx: dict[str, Any], worker: Worker) -> None:
+    """Runs on every Ray Train worker, or once in this process (cluster.in_process)."""
     cfg = StageConfig(**ctx["stage"])
     layout = RunLayout(ctx["run_root"])
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = worker.rank, worker.world, worker.device
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     model, start_note = start.build(ctx)
+    # on the device before the optimiser exists: a resumed optimiser's state is cast to its
+    # parameters' device when loaded, and must not stay on the CPU beside GPU parameters
+    model.to(device)
     if rank == 0:
         with open(os.path.join(layout.root, "start.json"), "w") as f:
             json.dump(start_note, f, indent=2)
@@ -150,7 +180,7 @@ def worker_loop(ctx: dict[str, Any]) -> None:
             log.warning("rank %d: checkpoint made with %d workers, now %d: data order restarts its epoch", rank, meta["world"], world)
         log.info("rank %d: resumed from step %d (%s)", rank, step, found[1])
     ema.to(device)
-    ddp_model = ray.train.torch.prepare_model(model)
+    ddp_model = worker.prepare(model)
     base_model = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
 
     features = StageOutput(ctx["features_uri"])
@@ -317,8 +347,6 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
         return _summary(stage, cfg, layout, found, seconds=0.0)
     # imported only now: seconds of start-up that a stage found trained and exported skips
     from diffusers import AutoencoderKL
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer, TorchConfig
     from transformers import T5Config
 
     vae_config = AutoencoderKL.load_config(vae_cfg.model)
@@ -350,10 +378,25 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
         start.check(cfg, init, ctx)
     except start.StartError as exc:
         raise TrainingError(str(exc)) from None
-    cluster.connect(config.cluster)
     started = time.monotonic()
+    if config.cluster.in_process:
+        if cfg.workers != 1:
+            raise TrainingError(f"training.stages.{stage}.workers is {cfg.workers}: cluster.in_process trains one worker")
+        try:
+            worker_loop(ctx, this_process_worker())
+        finally:
+            lock = ctx.pop("_lock", None)  # a Ray worker's ends with its process; this one must be let go
+            if lock is not None:
+                lock.close()
+        summary = _summary(stage, cfg, layout, found, seconds=time.monotonic() - started)
+        log.info("%s: %d steps in this process, %.0f s; pipeline %s", stage, cfg.steps, summary["seconds"], layout.export)
+        return summary
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer, TorchConfig
+
+    cluster.connect(config.cluster)
     trainer = TorchTrainer(
-        worker_loop, train_loop_config=ctx,
+        ray_worker_loop, train_loop_config=ctx,
         torch_config=TorchConfig(backend="nccl" if cfg.gpus_per_worker > 0 else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}),
