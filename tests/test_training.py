@@ -165,6 +165,7 @@ def _check_shipping(config, out: str) -> None:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     card = open(os.path.join(out, "README.md")).read()
     assert "40 steps of 8 (320 images seen)" in card and "| colour | 50.0% | 30.0%-70.0% | 8.6% | 20 |" in card
+    assert "- Trained on: cpu (" in card and ", 40 steps at a median " in card  # the device of every logged line
     assert json.load(open(os.path.join(out, "training.json")))["dataset"]["count"] == 48
     # a run that spans sessions ships its export at a step, and its card says how far it had got
     interim = ship(config, "s", out + "-interim", step=20)

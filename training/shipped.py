@@ -38,13 +38,33 @@ def run_summary(config: PipelinesConfig, stage: str, step: int | None = None) ->
     if not metrics:
         raise FileNotFoundError(f"{layout.metrics}: no metrics; train the stage first (make train-{stage})")
     cfg = config.training.stages[stage]
-    rates = sorted(m["images_per_s"] for m in metrics if m.get("images_per_s"))
-    images = metrics[-1]["step"] * cfg.batch_size * cfg.grad_accum * cfg.workers
-    median = rates[len(rates) // 2] if rates else None
+    per_step = cfg.batch_size * cfg.grad_accum
+    images = metrics[-1]["step"] * per_step * cfg.workers
     return {"stage": stage, "steps": metrics[-1]["step"], "images_seen": images, "batch_size": cfg.batch_size,
             "first_loss": round(metrics[0]["loss"], 4), "last_loss": round(metrics[-1]["loss"], 4),
-            "median_images_per_s": median, "hours": round(images / median / 3600, 2) if median else None,
-            "config": cfg.model_dump(mode="json")}
+            "hardware": hardware(metrics, per_step, cfg.workers), "config": cfg.model_dump(mode="json")}
+
+
+def hardware(metrics: list[dict[str, Any]], images_per_worker_step: int, workers: int) -> list[dict[str, Any]]:
+    """Steps, median images/s and hours per device the run trained on (a logged line covers
+    the steps since the one before it). Lines from before devices were logged count as
+    `unrecorded`, with the configured number of workers."""
+    by_device: dict[str, dict[str, Any]] = {}
+    previous = 0
+    for m in metrics:
+        entry = by_device.setdefault(m.get("device", "unrecorded"), {"steps": 0, "images": 0, "rates": []})
+        entry["steps"] += m["step"] - previous
+        entry["images"] += (m["step"] - previous) * images_per_worker_step * m.get("world", workers)
+        previous = m["step"]
+        if m.get("images_per_s"):
+            entry["rates"].append(m["images_per_s"])
+    out = []
+    for device, entry in by_device.items():
+        rates = sorted(entry["rates"])
+        median = rates[len(rates) // 2] if rates else None
+        out.append({"device": device, "steps": entry["steps"], "median_images_per_s": median,
+                    "hours": round(entry["images"] / median / 3600, 2) if median else None})
+    return out
 
 
 def ship(config: PipelinesConfig, stage: str, out: str, scores: str | None = None, step: int | None = None) -> str:
@@ -104,8 +124,9 @@ def model_card(name: str, summary: dict, evaluation: dict | None) -> str:
         + "; "
         f"AdamW lr {cfg['lr']}, EMA {cfg['ema_decay']}, caption dropout {cfg['caption_dropout']}; loss "
         f"{summary['first_loss']} -> {summary['last_loss']}.",
-        f"- Speed: {summary['median_images_per_s']} images/s on the 2-vCPU development machine, about "
-        f"{summary['hours']} hours of training.",
+        "- Trained on: " + "; ".join(
+            f"{h['device']}, {h['steps']} steps at a median {h['median_images_per_s']} images/s "
+            f"(about {h['hours']} hours)" for h in summary["hardware"]) + ".",
     ]
     if evaluation is not None:
         lines += ["", "## What its samples follow (make eval)", "", evaluation_table(evaluation), "",

@@ -192,6 +192,9 @@ def worker_loop(ctx: dict[str, Any], worker: Worker) -> None:
     scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and device.type == "cuda")
     flops = _flops_per_image(base_model, ctx)
     peak = _peak_flops(cfg, device)
+    # logged with each line: a run that moves between machines (it resumes anywhere) keeps
+    # each machine's speed apart, and a shipped card can say what trained it
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -246,7 +249,7 @@ def worker_loop(ctx: dict[str, Any], worker: Worker) -> None:
                        "grad_norm": grad_norm, "images_per_s": round(rate, 2),
                        "tflops_per_s": round(rate * flops / 1e12, 4), "skipped_nan": skipped_nan,
                        "skipped_samples": reader.skipped,
-                       "epoch": reader.position.epoch}
+                       "epoch": reader.position.epoch, "device": device_name, "world": world}
             if peak:
                 metrics["mfu"] = round(rate * flops / (peak * world), 4)
             if rank == 0:
