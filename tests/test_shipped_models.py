@@ -53,10 +53,10 @@ def test_shipped_t5_knows_the_grammar_and_tells_captions_apart():
     assert np.isfinite(a.numpy()).all()
 
 
-def test_shipped_pixart_draws_asked_backgrounds_and_object_colours_above_chance():
+def test_shipped_pixart_draws_asked_backgrounds_object_colours_and_shapes_above_chance():
     """The shipped stage-2 checkpoint, judged as `make eval` judges it, on prompts of its own
-    suite seed: backgrounds and one object's colour follow the prompt well above chance. Its
-    card holds the full evaluation; shapes do not follow yet (see the card)."""
+    suite seed: backgrounds, one object's colour and its shape follow the prompt above
+    chance. Its card holds the full evaluation (two-object binding does not follow yet)."""
     from analysis.alignment import passes, sample_case
     from analysis.scene_check import judge, read_image
     from training.models import generate, load_pipeline
@@ -64,12 +64,14 @@ def test_shipped_pixart_draws_asked_backgrounds_and_object_colours_above_chance(
     folder = MODELS / "synthetic-pixart"
     pipe = load_pipeline(str(folder), device="cpu")
     pipe.transformer.float()
-    # measured 22 of 32 backgrounds and 16 of 32 colours; chance is 2.7 and 2.5 of 32, and
-    # reaching either threshold by chance has p < 0.005
-    for category, threshold in (("background", 14), ("colour", 8)):
-        cases = [sample_case(category, i, seed=77) for i in range(32)]
+    # Measured 30 of 32 backgrounds, 30 of 32 colours and 23 of 64 shapes. Chance is 6.8%,
+    # 7.8% and 20.4% (2.2, 2.5 and 13 of the prompts): a prompt-blind model reaches the colour
+    # thresholds with p < 1e-15 and the shape one with p = 0.027; shape gets 64 prompts as its
+    # chance is high and its rate modest (40% in the card's evaluation).
+    for category, count, threshold in (("background", 32, 24), ("colour", 32, 24), ("shape", 64, 20)):
+        cases = [sample_case(category, i, seed=77) for i in range(count)]
         images = generate(pipe, [c.prompt for c in cases], height=64, width=64, steps=20, seed=3)
         right = sum(passes(category, judge(c.scene, read_image(image))) for c, image in zip(cases, images))
-        assert right >= threshold, f"{right} of 32 {category} prompts followed"
+        assert right >= threshold, f"{right} of {count} {category} prompts followed"
         card = json.loads((folder / "alignment.json").read_text())["categories"][category]
         assert card["ci95"][0] > card["chance"]
