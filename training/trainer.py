@@ -388,7 +388,7 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
         try:
             worker_loop(ctx, this_process_worker())
         finally:
-            lock = ctx.pop("_lock", None)  # a Ray worker's ends with its process; this one must be let go
+            lock = ctx.pop("_lock", None)  # a Ray worker's lock ends with its process; this process lives on
             if lock is not None:
                 lock.close()
         summary = _summary(stage, cfg, layout, found, seconds=time.monotonic() - started)
