@@ -38,15 +38,14 @@ def run_summary(config: PipelinesConfig, stage: str, step: int | None = None) ->
     if not metrics:
         raise FileNotFoundError(f"{layout.metrics}: no metrics; train the stage first (make train-{stage})")
     cfg = config.training.stages[stage]
-    per_step = cfg.batch_size * cfg.grad_accum
-    images = metrics[-1]["step"] * per_step * cfg.workers
-    return {"stage": stage, "steps": metrics[-1]["step"], "images_seen": images, "batch_size": cfg.batch_size,
-            "first_loss": round(metrics[0]["loss"], 4), "last_loss": round(metrics[-1]["loss"], 4),
-            "hardware": hardware(metrics, per_step, cfg.workers), "config": cfg.model_dump(mode="json")}
+    devices = hardware(metrics, cfg.batch_size * cfg.grad_accum, cfg.workers)
+    return {"stage": stage, "steps": metrics[-1]["step"], "images_seen": sum(d["images"] for d in devices),
+            "batch_size": cfg.batch_size, "first_loss": round(metrics[0]["loss"], 4),
+            "last_loss": round(metrics[-1]["loss"], 4), "hardware": devices, "config": cfg.model_dump(mode="json")}
 
 
 def hardware(metrics: list[dict[str, Any]], images_per_worker_step: int, workers: int) -> list[dict[str, Any]]:
-    """Steps, median images/s and hours per device the run trained on (a logged line covers
+    """Steps, images, median images/s and hours per device the run trained on (a logged line covers
     the steps since the one before it). Lines from before devices were logged count as
     `unrecorded`, with the configured number of workers."""
     by_device: dict[str, dict[str, Any]] = {}
@@ -62,7 +61,7 @@ def hardware(metrics: list[dict[str, Any]], images_per_worker_step: int, workers
     for device, entry in by_device.items():
         rates = sorted(entry["rates"])
         median = rates[len(rates) // 2] if rates else None
-        out.append({"device": device, "steps": entry["steps"], "median_images_per_s": median,
+        out.append({"device": device, "steps": entry["steps"], "images": entry["images"], "median_images_per_s": median,
                     "hours": round(entry["images"] / median / 3600, 2) if median else None})
     return out
 
