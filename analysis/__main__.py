@@ -21,6 +21,8 @@ def _split(value: str | None) -> list[str] | None:
 
 
 def _nouns(args: argparse.Namespace) -> int:
+    if args.exclude_flagged:
+        args.overrides.append("analysis.nouns.exclude_flagged=true")
     config = config_from_args(args)
     datasets = _split(args.datasets)
     for name in datasets or []:
@@ -58,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     nouns = commands.add_parser("nouns", help="noun statistics of every caption field (the paper's Table 1)")
     nouns.add_argument("--datasets", help="comma-separated (default: every dataset with captions)")
     nouns.add_argument("--fields", help="comma-separated caption fields, e.g. txt,tiny-llava (default: all)")
+    nouns.add_argument("--exclude-flagged", action="store_true",
+                       help="leave out dense captions the captioning stage's quality checks marked")
     nouns.set_defaults(handler=_nouns)
     return dispatch(parser, [nouns], argv)
 

@@ -254,7 +254,16 @@ def _paper_number(value: Any) -> str:
 
 
 NOUN_HEADER = ["Dataset", "Field", "VN", "DN", "VN/DN", "Total nouns", "Nouns/image", "Images", "Words/caption",
-               "Top nouns"]
+               "Flagged", "Top nouns"]
+
+
+def _flagged(row: dict[str, Any]) -> str:
+    """Dense captions the captioning stage's quality checks marked, by flag."""
+    flagged = row.get("flagged") or {}
+    if row.get("field") == "txt" or not flagged:
+        return "—"
+    by_flag = ", ".join(f"{name} {count}" for name, count in flagged.get("by_flag", {}).items())
+    return f"{flagged['captions']}" + (f" ({by_flag})" if by_flag else "") + (" excluded" if flagged.get("excluded") else "")
 
 
 def _noun_row(row: dict[str, Any]) -> list[str]:
@@ -262,12 +271,12 @@ def _noun_row(row: dict[str, Any]) -> list[str]:
     return [row.get("dataset", "?"), _field_label(row.get("field", "?")), _number(row.get("VN")), _number(row.get("DN")),
             f"{row['VN/DN %']:.1f}%" if row.get("VN/DN %") is not None else "—", _number(row.get("total_nouns")),
             _number(row.get("average_nouns_per_image"), 2), _number(row.get("images")),
-            _number(row.get("words_per_caption"), 1), top]
+            _number(row.get("words_per_caption"), 1), _flagged(row), top]
 
 
 def _paper_row(paper: dict[str, Any]) -> list[str]:
     cells = ["", f"{paper['name']} (paper)", _paper_number(paper.get("VN")), _paper_number(paper.get("DN")),
-             f"{paper['VN/DN %']}%", _paper_number(paper.get("total_nouns")), f"{paper.get('average')}", "", "", ""]
+             f"{paper['VN/DN %']}%", _paper_number(paper.get("total_nouns")), f"{paper.get('average')}", "", "", "", ""]
     return [f"*{c}*" if c else c for c in cells]
 
 

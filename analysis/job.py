@@ -11,7 +11,7 @@ from typing import Any
 from analysis.nouns import NounCounts, count_texts, decode_caption, load_nlp
 from shardkit import cluster, storage
 from shardkit.config import NounsConfig, PipelinesConfig
-from shardkit.shards import CAPTION, StageOutput, read_shard
+from shardkit.shards import CAPTION, Sample, StageOutput, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,29 @@ def inputs_identity(config: PipelinesConfig, rows: list[Row]) -> dict[str, Any]:
     }
 
 
+def quality_flags(sample: Sample, field_name: str) -> list[str]:
+    """The captioning stage's quality flags on this sample's caption field (none for alt text)."""
+    if field_name == CAPTION:
+        return []
+    captioner = field_name.removesuffix(".txt")
+    return sample.meta.get("captioners", {}).get(captioner, {}).get("flags", [])
+
+
 def count_shard(shard_uri: str, field_name: str, cfg: NounsConfig) -> NounCounts:
     nlp = load_nlp(tuple(cfg.spacy_models))
-    decoding = NounCounts()
-    texts = [decode_caption(sample.fields.get(field_name), decoding) for sample in read_shard(shard_uri)]
+    seen = NounCounts()
+    texts = []
+    for sample in read_shard(shard_uri):
+        flags = quality_flags(sample, field_name)
+        if flags:
+            seen.flagged += 1
+            seen.flags.update(flags)
+            if cfg.exclude_flagged:
+                seen.excluded += 1
+                continue
+        texts.append(decode_caption(sample.fields.get(field_name), seen))
     counts = count_texts(texts, nlp, cfg.include_propn, cfg.batch_size, cfg.max_caption_chars)
-    counts.problems.update(decoding.problems)
-    return counts
+    return counts.merge(seen)
 
 
 def count_rows(config: PipelinesConfig, rows: list[Row]) -> tuple[dict[Row, NounCounts], dict]:

@@ -54,6 +54,12 @@ class NounCounts:
     """Number of nouns in a caption -> images with that many (empty captions count 0)."""
     problems: Counter = field(default_factory=Counter)
     """missing_field, not_utf8, cut_long: handled, and reported."""
+    flagged: int = 0
+    """Dense captions the captioning stage's quality checks marked (counted unless excluded)."""
+    flags: Counter = field(default_factory=Counter)
+    """Quality flag -> marked captions with it."""
+    excluded: int = 0
+    """Marked captions left out of every other count (analysis.nouns.exclude_flagged)."""
 
     def merge(self, other: "NounCounts") -> "NounCounts":
         self.images += other.images
@@ -62,6 +68,9 @@ class NounCounts:
         self.nouns.update(other.nouns)
         self.per_caption.update(other.per_caption)
         self.problems.update(other.problems)
+        self.flagged += other.flagged
+        self.flags.update(other.flags)
+        self.excluded += other.excluded
         return self
 
     @property
@@ -83,6 +92,7 @@ class NounCounts:
             "valid_threshold": valid_threshold,
             "top_nouns": self.nouns.most_common(top),
             "problems": dict(self.problems),
+            "flagged": {"captions": self.flagged, "by_flag": dict(sorted(self.flags.items())), "excluded": self.excluded},
         }
 
 

@@ -112,15 +112,26 @@ def _table_rows(stats: dict[Row, dict]) -> list[list[str]]:
     lines = []
     for row, s in stats.items():
         lines.append([row.label, f"{human(s['VN'])}/{human(s['DN'])} = {s['VN/DN %']:.1f}%", human(s["total_nouns"]),
-                      f"{s['average_nouns_per_image']:.1f}/Img", human(s["images"]), f"{s['words_per_caption']:.1f}"])
+                      f"{s['average_nouns_per_image']:.1f}/Img", human(s["images"]), f"{s['words_per_caption']:.1f}",
+                      _flagged_cell(row, s["flagged"])])
         paper = paper_row(row)
         if paper:
             lines.append([f"  {paper['name']} (paper)", f"{human(paper['VN'])}/{human(paper['DN'])} = {paper['VN/DN %']}%",
-                          human(paper["total_nouns"]), f"{paper['average']}/Img", "", ""])
+                          human(paper["total_nouns"]), f"{paper['average']}/Img", "", "", ""])
     return lines
 
 
-HEADER = ["Dataset / field", "VN/DN", "Total Noun", "Average", "Images", "Words/caption"]
+HEADER = ["Dataset / field", "VN/DN", "Total Noun", "Average", "Images", "Words/caption", "Flagged"]
+
+
+def _flagged_cell(row: Row, flagged: dict) -> str:
+    """Dense captions the captioning stage marked: how many, and whether they were left out."""
+    if row.field == "txt":
+        return "–"
+    cell = human(flagged["captions"])
+    if flagged["excluded"]:
+        cell += " (excluded)"
+    return cell
 
 
 def plot_table(stats: dict[Row, dict]) -> bytes:
@@ -183,6 +194,14 @@ def write_report(root: str, counts: dict[Row, NounCounts], settings: dict, timin
           for line in _table_rows(stats)), "",
         "![table](table.png)", "",
     ]
+    flagged = {r.label: s["flagged"] for r, s in stats.items() if s["flagged"]["captions"]}
+    if flagged:
+        md += ["Flagged: dense captions the captioning stage's quality checks marked (empty, cut at the token "
+               "limit, repetition loop, prompt echo) — " +
+               "; ".join(f"{label}: {f['by_flag']}" for label, f in flagged.items()) + ". " +
+               ("They are left out of every count above (`analysis.nouns.exclude_flagged`)."
+                if cfg.get("exclude_flagged") else
+                "They are counted; `--exclude-flagged` (or `analysis.nouns.exclude_flagged: true`) leaves them out."), ""]
     problems = {r.label: s["problems"] for r, s in stats.items() if s["problems"]}
     if problems:
         md += ["Handled input problems (counted, not fatal): " +

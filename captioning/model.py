@@ -1,4 +1,5 @@
-"""Loading a LLaVA-family captioner through transformers' image-text-to-text classes."""
+"""Model folders, devices and loading a LLaVA-family captioner through transformers'
+image-text-to-text classes (the `hf` backend; `vllm` shares the folder handling)."""
 
 from __future__ import annotations
 
@@ -42,14 +43,34 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return dtype
 
 
-def load(cfg: CaptionerConfig, device: str):  # -> (processor, model)
+def load_processor(cfg: CaptionerConfig):  # -> a transformers ProcessorMixin
     transformers_logging.disable_progress_bar()  # per-actor bars interleave into noise in Ray's log
-    path = local_model_path(cfg.model)
-    dtype = resolve_dtype(cfg.dtype, device)
-    options = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    processor = AutoProcessor.from_pretrained(path, **options)
+    processor = AutoProcessor.from_pretrained(local_model_path(cfg.model), revision=cfg.revision,
+                                              trust_remote_code=cfg.trust_remote_code)
     # batched generation of decoder-only models needs the padding on the left
     processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def reserved_strings(processor) -> frozenset[str]:  # noqa: ANN001
+    """Every string the processor's tokenizer turns into a special token: its special tokens,
+    every added token (`<image>`, chat markers) and the processor's own image/video tokens."""
+    tokenizer = processor.tokenizer
+    found = set(tokenizer.all_special_tokens)
+    found.update(t.content for t in tokenizer.added_tokens_decoder.values())
+    found.update(getattr(processor, name, None) or "" for name in ("image_token", "video_token"))
+    return frozenset(t for t in found if t and t.strip())
+
+
+def load(cfg: CaptionerConfig, device: str, attn_implementation: str | None = None):  # -> (processor, model)
+    path = local_model_path(cfg.model)
+    dtype = resolve_dtype(cfg.dtype, device)
+    processor = load_processor(cfg)
+    options = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if attn_implementation:
+        options["attn_implementation"] = attn_implementation
+    if device != "cpu":  # straight onto the GPU: a 7B model is not staged through host memory
+        options["device_map"] = device
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **options).to(device).eval()
     log.info("loaded %s (%s) on %s in %s", cfg.model, type(model).__name__, device, dtype)
     return processor, model

@@ -32,6 +32,11 @@ from shardkit.cluster import PROJECT_PACKAGES
 log = logging.getLogger("bench")
 
 
+class BenchSkipped(Exception):
+    """A benchmark that cannot run on this machine (an optional dependency is missing); its
+    reason is logged and recorded instead of a figure."""
+
+
 @dataclass
 class Measure:
     seconds: float
@@ -182,7 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for bench in _benchmarks(args.only):
         log.info("running %s", bench.__name__)
         with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
-            result = bench(config, workdir)
+            try:
+                result = bench(config, workdir)
+            except BenchSkipped as skipped:
+                log.warning("%s: skipped: %s", bench.__name__, skipped)
+                storage.atomic_write(storage.join(report_dir, f"{bench.__name__}.json"),
+                                     json.dumps({"name": bench.__name__, "skipped": str(skipped),
+                                                 "when": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+                continue
         results.append(result)
         log.info("%s", result.line())
         record = dataclasses.asdict(result) | {"ratio": result.ratio, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -192,4 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    # run the imported module's main, not this __main__ copy's: benchmarks raise the imported
+    # module's BenchSkipped, which a `__main__.BenchSkipped` handler would not catch
+    from shardkit import bench
+
+    sys.exit(run_main(bench.main))

@@ -9,16 +9,20 @@ thousands of images a shard.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
+import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from shardkit import cluster, storage
 from shardkit.config import ClusterConfig
-from shardkit.shards import Failure, Sample, ShardRecord, StageOutput, StagePlan, read_shard, summarise, write_shard
+from shardkit.shards import RECORDS, Failure, Sample, ShardRecord, ShardWriter, StageOutput, StagePlan, read_shard, summarise
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +66,125 @@ class ShardStage(Protocol):
 
 
 def map_shard_in_batches(index: int, source_uri: str, shard_uri: str, batch_size: int,
-                         process: Callable[[list[Sample], int, list[Failure], dict[str, int]], list[Sample]]) -> ShardRecord:
+                         process: Callable[[Any, int, list[Failure], dict[str, int]], list[Sample]],
+                         prepare: Callable[[list[Sample], int, list[Failure], dict[str, int]], Any] | None = None,
+                         ahead: int = 0) -> ShardRecord:
     """The body of a model stage's shard: input shard `index` in batches through
-    `process(batch, batch_number, failures, counters)`, the results written as one shard."""
+    `process(batch, batch_number, failures, counters)`, the results streamed into one shard.
+
+    With `prepare`, each batch goes through `prepare(samples, number, failures, counters)`
+    first and `process` gets what it returns. With `ahead` > 0, reading and preparing run in a
+    thread up to that many batches in front of `process`, so the model never waits on JPEG
+    decoding or preprocessing. Where the time went is counted in milliseconds: read_ms and
+    prepare_ms (in that thread), wait_ms (process waiting for a batch), process_ms, write_ms."""
     started = time.monotonic()
-    samples = list(read_shard(source_uri))
     failures: list[Failure] = []
     counters: dict[str, int] = {}
-    out: list[Sample] = []
-    for number, first in enumerate(range(0, len(samples), batch_size)):
-        out += process(samples[first:first + batch_size], number, failures, counters)
-    written = write_shard(shard_uri, out)
-    return ShardRecord(index, samples_in=len(samples), samples_out=written, seconds=time.monotonic() - started,
-                       failures=failures, counters=dict(sorted(counters.items())))
+    early_failures: list[Failure] = []
+    early_counters: dict[str, int] = {}
+    samples_in = 0
+
+    def prepared_batches() -> Iterator[tuple[int, Any]]:
+        nonlocal samples_in
+        reader = read_shard(source_uri)
+        for number in itertools.count():
+            with timed_ms(early_counters, "read_ms"):
+                chunk = list(itertools.islice(reader, batch_size))
+            if not chunk:
+                return
+            samples_in += len(chunk)
+            with timed_ms(early_counters, "prepare_ms"):
+                batch = prepare(chunk, number, early_failures, early_counters) if prepare else chunk
+            yield number, batch
+
+    batches = _run_ahead(prepared_batches(), ahead, counters) if ahead > 0 else prepared_batches()
+    with ShardWriter(shard_uri) as writer:
+        for number, batch in batches:
+            with timed_ms(counters, "process_ms"):
+                out = process(batch, number, failures, counters)
+            with timed_ms(counters, "write_ms"):
+                for sample in out:
+                    writer.write(sample)
+    for name, value in early_counters.items():
+        counters[name] = counters.get(name, 0) + value
+    return ShardRecord(index, samples_in=samples_in, samples_out=writer.count, seconds=time.monotonic() - started,
+                       failures=sorted(early_failures + failures, key=lambda f: f.key),
+                       counters=dict(sorted(counters.items())))
+
+
+@contextlib.contextmanager
+def timed_ms(counters: dict[str, int], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        counters[name] = counters.get(name, 0) + int(round((time.perf_counter() - started) * 1000))
+
+
+_END = object()
+
+
+def _run_ahead(items: Iterator[Any], depth: int, counters: dict[str, int]) -> Iterator[Any]:
+    """`items`, produced in a thread up to `depth` ahead of the consumer. An exception in the
+    producer is raised in the consumer; a consumer that stops early stops the producer."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((_END, exc))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with timed_ms(counters, "wait_ms"):
+                item, error = slots.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+
+def _remove_temporaries(output: StageOutput, whose: str) -> None:
+    """A writer killed between its temporary file and the rename leaves one behind, beside the
+    shards or the records; validate reports them."""
+    removed = sum(storage.remove_leftover_temporaries(folder) for folder in (output.uri, storage.join(output.uri, RECORDS)))
+    if removed:
+        log.info("removed %d temporary files left by %s", removed, whose)
+
+
+def same_config(previous: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether an existing output was made with the current config. Keys on one side only are
+    passed over: a setting added to the config schema later (with a default that keeps the
+    old behaviour) must not make every existing output invalid, nor one a stage stopped
+    recording. Every key present in both must agree."""
+    for key in previous.keys() & current.keys():
+        a, b = previous[key], current[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            if not same_config(a, b):
+                return False
+        elif a != b:
+            return False
+    return True
 
 
 class StaleRunError(StageError):
@@ -139,15 +249,13 @@ def run_stage(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterConfig
         fs, path = storage.filesystem(output.uri)
         fs.rm(path, recursive=True)
     previous = output.read_plan()
-    if previous is not None and (previous.num_shards, previous.config) != (plan.num_shards, plan.config):
+    if previous is not None and (previous.num_shards != plan.num_shards or not same_config(previous.config, plan.config)):
         raise StageError(
             f"{output.uri} was made with another config ({previous.num_shards} shards, "
             f"{previous.config}); rerun with --restart to rebuild it"
         )
     storage.makedirs(output.uri)
-    removed = storage.remove_leftover_temporaries(output.uri)
-    if removed:
-        log.info("removed %d temporary files left by an interrupted run", removed)
+    _remove_temporaries(output, "an interrupted run")
     output.write_plan(plan)
     output = dataclasses.replace(output, run_id=uuid.uuid4().hex[:12])
     output.write_fence()
@@ -162,6 +270,9 @@ def run_stage(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterConfig
                  label, len(pending), plan.num_shards, len(done))
         run = _run_pending_here if cluster_cfg.in_process else _run_pending
         run(stage, output, cluster_cfg, pending, label, max_in_flight)
+        # every shard of this run is settled: what is left was written by a worker that died
+        # (its shard was redone elsewhere), and would make the finished stage look invalid
+        _remove_temporaries(output, "workers that died during this run")
 
     summary = summarise(plan, output.records(), time.monotonic() - started)
     output.write_summary(summary)

@@ -215,7 +215,7 @@ def test_write_makes_the_whole_page(demo_storage, tmp_path, capsys):
     assert "Could not be built" not in text
 
     # the noun table, from the noun report's JSON, and its plots
-    assert "| Dataset | Field | VN | DN | VN/DN | Total nouns | Nouns/image | Images | Words/caption | Top nouns |" in text
+    assert "| Dataset | Field | VN | DN | VN/DN | Total nouns | Nouns/image | Images | Words/caption | Flagged | Top nouns |" in text
     assert f"| sample-laion | dense captions (`{CAPTIONER}`) |" in text and "*SAM-LLaVA (paper)*" in text
     noun_record = json.loads((Path(config.storage.root) / "reports" / "nouns" / "nouns.json").read_text())
     laion_alt = next(r for r in noun_record["rows"] if r["field"] == "txt")

@@ -147,3 +147,43 @@ def test_a_rerun_on_the_same_inputs_keeps_the_report_and_any_change_recounts(ray
     both, written = run()
     assert [(r["dataset"], r["images"]) for r in both["rows"]] == [("known", 29), ("other", 5)]
     assert run() == (both, written) and "not counting again" in caplog.text
+
+
+def _write_captioned_stage(root: str, dataset: str, captions: list[tuple[str, list[str]]]) -> StageOutput:
+    """A `captions/dense` stage made by hand: each caption with the quality flags the
+    captioning stage would have recorded in the sample's json."""
+    output = StageOutput.of(root, dataset, "captions/dense")
+    plan = StagePlan(dataset, "captions/dense", num_shards=1, input_stage="shards")
+    output.write_plan(plan)
+    samples = []
+    for i, (text, flags) in enumerate(captions):
+        base = make_sample(make_key(0, i), jpeg_bytes(i), width=16, height=12, original_width=16,
+                           original_height=12, source="folder", origin=f"mem://0/{i}", extra={"captioners": {"dense": {"flags": flags}}})
+        samples.append(Sample(base.key, {**base.fields, "dense.txt": text.encode()}))
+    write_shard(output.shard_uri(0), samples)
+    output.write_record(ShardRecord(0, len(samples), len(samples), 0.0))
+    output.write_summary(summarise(plan, output.records(), 0.0))
+    return output
+
+
+def test_flagged_captions_are_reported_and_can_be_left_out(ray_session, write_config, tmp_path):
+    captions = [("Two cats sleep on a sofa.", []), ("A dog and a bird.", []),
+                ("a cat a cat a cat a cat a cat a cat", ["repetition", "length"]), ("", ["empty"])]
+    config = _config(write_config, tmp_path)
+    _write_captioned_stage(config.storage.root, "known", captions)
+    [row] = find_rows(config, ["known"], ["dense"])
+    counts, _ = count_rows(config, [row])
+    stats = counts[row].statistics(valid_threshold=10, top=3)
+    assert stats["flagged"] == {"captions": 2, "by_flag": {"empty": 1, "length": 1, "repetition": 1}, "excluded": 0}
+    assert stats["images"] == 4 and dict(counts[row].nouns)["cat"] == 7
+
+    excluded = _config(write_config, tmp_path, exclude_flagged=True)
+    counts, _ = count_rows(excluded, [row])
+    stats = counts[row].statistics(valid_threshold=10, top=3)
+    assert stats["flagged"]["excluded"] == 2
+    assert stats["images"] == 2 and dict(counts[row].nouns) == {"cat": 1, "sofa": 1, "dog": 1, "bird": 1}
+    # through the command line, into the report
+    assert analysis_main(["nouns", "--config", str(tmp_path / "pipelines.yaml"), "--fields", "dense", "--exclude-flagged"]) == 0
+    markdown = (tmp_path / "data" / "reports" / "nouns" / "nouns.md").read_text()
+    assert "| known / dense.txt |" in markdown and "| 2 (excluded) |" in markdown
+    assert "left out of every count above" in markdown
