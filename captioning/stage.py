@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from captioning import quality
-from captioning.backend import CaptionBackend, Generation, load_backend, retry_sampling, sampling_of
+from captioning.backend import CaptionBackend, Generation, Sampling, load_backend, retry_sampling, sampling_of
 from captioning.prompts import Prompt, user_prompt
 from shardkit import pipeline
 from shardkit.config import CaptionerConfig, PipelinesConfig
@@ -144,8 +144,8 @@ class CaptionStage:
             out.append(self._with_caption(item, generation, item_flags, retry is not None, counters))
         return out
 
-    def _generate(self, items: list[_Item], prepared: Any, sampling, seed: int, failures: list[Failure] | None,  # noqa: ANN001
-                  counters: dict[str, int]) -> list[Generation | None]:
+    def _generate(self, items: list[_Item], prepared: Any, sampling: Sampling, seed: int,
+                  failures: list[Failure] | None, counters: dict[str, int]) -> list[Generation | None]:
         """Captions of `items`, None where a sample fails. A failing batch is retried sample by
         sample, so one sample the processor or model rejects costs only itself."""
         if not items:
