@@ -4,8 +4,6 @@ image-text-to-text classes (the `hf` backend; `vllm` shares the folder handling)
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -20,13 +18,7 @@ log = logging.getLogger(__name__)
 def local_model_path(model: str) -> str:
     """A hub id or local folder as is; a URI (s3://...) copied to a local cache first,
     since from_pretrained reads local folders or the hub only."""
-    if "://" not in model or model.startswith("file://"):
-        return model.removeprefix("file://")
-    cache = os.path.join(tempfile.gettempdir(), "pixart-data-models", model.replace("://", "/").strip("/"))
-    if not os.path.exists(os.path.join(cache, "config.json")):
-        fs, path = storage.filesystem(model)
-        fs.get(path.rstrip("/") + "/", cache + "/", recursive=True)
-    return cache
+    return storage.local_folder(model)
 
 
 def pick_device() -> str:

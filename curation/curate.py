@@ -60,9 +60,11 @@ def curate(config: PipelinesConfig, dataset: str, restart: bool = False) -> dict
         cluster.connect(config.cluster)
         drops = find_drops(fetched, cfg.filters)
     else:
-        drops = {}  # every shard is made (run_stage still refuses a changed plan): no Ray, no index scan
+        drops = None  # every shard is made (run_stage still refuses a changed plan): no Ray, no index scan
     dedup = DedupStage(dataset, fetched, cfg.filters, drops=drops)
     summary = run_stage(dedup, shards, config.cluster, restart=restart)
+    if drops is not None:
+        drops.remove_scratch()  # the decisions are in the shards now (a failed run leaves them to the next find_drops)
     combined = {
         "dataset": dataset, "shards": summary["shards_complete"], "samples_in": fetch_summary["samples_in"],
         "samples_out": summary["samples_out"], "failures": fetch_summary["failures"],

@@ -206,6 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     # run the imported module's main, not this __main__ copy's: benchmarks raise the imported
     # module's BenchSkipped, which a `__main__.BenchSkipped` handler would not catch
-    from shardkit import bench
+    from shardkit import bench as imported
 
-    sys.exit(run_main(bench.main))
+    sys.exit(run_main(imported.main))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import logging
 import os
@@ -24,6 +25,13 @@ def _project_modules() -> list:
     return modules
 
 
+def worker_env(cfg: ClusterConfig) -> dict[str, str]:
+    """What every worker's environment gets: ours, cluster.env, and the driver's variables
+    that cluster.forward_env names."""
+    forwarded = {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in cfg.forward_env)}
+    return {**WORKER_ENV, **cfg.env, **forwarded}
+
+
 def connect(cfg: ClusterConfig) -> None:
     """Make sure this process is connected to Ray; reuse a connection that already exists
     (the tests' session-wide instance, or a caller that connected first)."""
@@ -31,12 +39,16 @@ def connect(cfg: ClusterConfig) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.update(WORKER_ENV)
-    runtime_env: dict = {"env_vars": dict(WORKER_ENV)}
+    for key, value in {**WORKER_ENV, **cfg.env}.items():
+        os.environ.setdefault(key, value)
+    runtime_env: dict = {"env_vars": worker_env(cfg)}
     address = cfg.resolved_address()
     if address is None:
         log.info("starting an embedded local Ray (%s CPUs)", cfg.num_cpus or os.cpu_count())
+        # "local", not None: a bare ray.init() joins the cluster named in Ray's temp folder
+        # (ray_current_cluster), which a cluster that died leaves behind
         ray.init(
+            address="local",
             num_cpus=cfg.num_cpus,
             object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
             include_dashboard=False,

@@ -41,6 +41,14 @@ class ClusterConfig(Strict):
     ship_code: bool = False
     """Send this project's packages to the cluster's workers (runtime_env py_modules) instead
     of expecting them installed on every node."""
+    env: dict[str, str] = {}
+    """Environment variables set on every Ray worker (the job's runtime_env) and in this
+    process where not already set: what workers need to reach storage, e.g.
+    AWS_ENDPOINT_URL, AWS_DEFAULT_REGION. No secrets here: see forward_env."""
+    forward_env: list[str] = ["AWS_*"]
+    """Names (shell patterns) of this process's environment variables copied to every
+    worker: credentials stay in the driver's environment, not in pipelines.yaml. Ray keeps a
+    job's runtime_env in its cluster metadata, readable by whoever can read the cluster."""
     in_process: bool = False
     """Make shard stages (fetching, captions, features) one shard after another in this
     process, and train as one worker on this machine's GPU (or CPU), without Ray: for one
@@ -91,6 +99,20 @@ class GenerateConfig(Strict):
     seed: int = 0
 
 
+def _check_allowlist(entries: list[str]) -> list[str]:
+    from curation.urls import PrivateAllowlist  # stdlib only; the one parser of these entries
+
+    PrivateAllowlist.parse(entries)
+    return entries
+
+
+def _one_private_setting(source: Any) -> Any:
+    if source.allow_private_urls and source.allowed_private:
+        raise ValueError("give allowed_private (the hosts and networks that may be private) or "
+                         "allow_private_urls (every private address), not both")
+    return source
+
+
 class SourceBase(Strict):
     samples_per_shard: int = Field(1000, gt=0)
     resize: ResizeConfig = ResizeConfig()
@@ -104,8 +126,22 @@ class LaionSource(SourceBase):
     caption_column: str = "TEXT"
     metadata_columns: list[str] = list(LAION_METADATA_COLUMNS)
     allow_private_urls: bool = False
-    """Only public http(s) addresses are fetched unless this is set (loopback test data)."""
+    """Every private address allowed, redirects included (all or nothing; kept for old
+    configs). Prefer `allowed_private`."""
+    allowed_private: list[str] = []
+    """Non-public hosts that may be fetched: addresses, CIDR networks and exact host names
+    (["127.0.0.1", "10.0.0.0/8", "mirror.internal"]), checked on every redirect hop and on
+    the address actually connected to. A name admits whatever private addresses its DNS
+    gives, except link-local ones (cloud metadata), which only a network entry admits."""
     timeout_s: float = Field(10.0, gt=0)
+    """Per socket operation (connect, each read): img2dataset's timeout."""
+    deadline_s: float = Field(60.0, gt=0)
+    """One image's whole fetch, redirects and body included (each retry gets its own);
+    past it the row fails as `deadline`."""
+    max_download_bytes: int = Field(64 * 2**20, gt=0)
+    """Largest response body fetched (64 MiB); a larger one fails as `too_large`, refused
+    from its Content-Length or cut as it arrives. Worst-case download memory of one shard
+    task is about 2 x threads x this."""
     retries: int = Field(0, ge=0)
     threads: int = Field(16, gt=0)
     """Download threads per shard task (img2dataset's thread_count)."""
@@ -115,6 +151,15 @@ class LaionSource(SourceBase):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("allowed_private")
+    @classmethod
+    def _allowlist(cls, value: list[str]) -> list[str]:
+        return _check_allowlist(value)
+
+    @model_validator(mode="after")
+    def _private_one_way(self) -> "LaionSource":
+        return _one_private_setting(self)
 
 
 class SamSource(SourceBase):
@@ -126,14 +171,32 @@ class SamSource(SourceBase):
     download_dir: str | None = None
     """Where downloaded tars are kept (default: <storage>/<dataset>/downloads)."""
     allow_private_urls: bool = False
+    """As the laion source's: every private address; prefer `allowed_private`."""
+    allowed_private: list[str] = []
+    """As the laion source's: addresses, CIDR networks and host names that may be private."""
     timeout_s: float = Field(60.0, gt=0)
+    """Per socket operation (connect, each read) of a tar download."""
+    deadline_s: float = Field(4 * 3600.0, gt=0)
+    """One tar's download (4 h: an SA-1B tar is ~11 GB). Past it the shard fails and keeps
+    its partial `.part` file; a rerun resumes it."""
+    max_download_bytes: int = Field(32 * 2**30, gt=0)
+    """Largest tar downloaded (32 GiB, about three times SA-1B's largest); a larger one is
+    not fetched and is recorded as `too_large`."""
+    max_member_bytes: int = Field(64 * 2**20, gt=0)
+    """Largest tar member read (64 MiB; SA-1B's images are ~0.5-1.5 MB, their annotation
+    json a few MB); a larger one is skipped unread and recorded as `too_large`."""
     generate: GenerateConfig | None = None
+
+    @field_validator("allowed_private")
+    @classmethod
+    def _allowlist(cls, value: list[str]) -> list[str]:
+        return _check_allowlist(value)
 
     @model_validator(mode="after")
     def _links_or_tars(self) -> "SamSource":
         if (self.links is None) == (self.tars is None):
             raise ValueError("give exactly one of 'links' or 'tars'")
-        return self
+        return _one_private_setting(self)
 
 
 class FolderSource(SourceBase):
@@ -141,6 +204,10 @@ class FolderSource(SourceBase):
     path: str
     recursive: bool = True
     extensions: list[str] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+    max_file_bytes: int = Field(64 * 2**20, gt=0)
+    """Largest image (or .txt/.json sidecar) read (64 MiB); a larger image is recorded as
+    `too_large`. Symlinks leading out of the folder (`symlink_outside`) and anything that
+    is not a regular file (`not_regular_file`: pipes, sockets, devices) are never opened."""
 
 
 class SyntheticSource(SourceBase):

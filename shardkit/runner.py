@@ -31,6 +31,11 @@ class StageError(RuntimeError):
     pass
 
 
+LOST_WORKER_RETRIES = 3
+"""How many times a shard is made again when the process making it is lost (a killed node,
+an actor out of restarts), on top of Ray's own retries."""
+
+
 @dataclass(frozen=True)
 class PoolSpec:
     """Run the stage's shards on long-lived actors instead of tasks: for stages that hold a
@@ -274,7 +279,7 @@ def run_stage(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterConfig
         # (its shard was redone elsewhere), and would make the finished stage look invalid
         _remove_temporaries(output, "workers that died during this run")
 
-    summary = summarise(plan, output.records(), time.monotonic() - started)
+    summary = summarise(plan, output.iter_records(), time.monotonic() - started)
     output.write_summary(summary)
     if summary["shards_missing"]:
         raise StageError(f"{label}: shards {summary['shards_missing']} failed; rerun to retry them")
@@ -318,19 +323,33 @@ def _run_pending(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterCon
         submit = lambda task, actor: actor.run.remote(task, output)  # noqa: E731
     progress = _Progress(label, len(pending), tuple(getattr(stage, "progress_counters", ())))
     queue = list(reversed(pending))
-    in_flight: dict[Any, tuple[int, Any]] = {}
+    in_flight: dict[Any, tuple[ShardTask, Any]] = {}
+    lost: dict[int, int] = {}
     try:
         while queue or in_flight:
             while queue and slots:
                 task, slot = queue.pop(), slots.pop()
-                in_flight[submit(task, slot)] = (task.index, slot)
+                in_flight[submit(task, slot)] = (task, slot)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            index, slot = in_flight.pop(ready[0])
-            slots.append(slot)
+            task, slot = in_flight.pop(ready[0])
             try:
                 progress.update(ray.get(ready[0]))
-            except Exception as exc:  # noqa: BLE001 - one bad shard must not stop the others
-                log.error("%s: shard %05d failed: %s", label, index, exc)
+            except ray.exceptions.RayTaskError as exc:  # the stage's own error: it would fail the same way again
+                log.error("%s: shard %05d failed: %s", label, task.index, exc)
+            except ray.exceptions.RayError as exc:
+                # the worker, its actor or its node was lost (a killed node's actor can surface
+                # as "temporarily unavailable" with no retry left): the shard is made again
+                lost[task.index] = lost.get(task.index, 0) + 1
+                if lost[task.index] > LOST_WORKER_RETRIES:
+                    log.error("%s: shard %05d failed: its worker was lost %d times: %s", label, task.index,
+                              lost[task.index], exc)
+                else:
+                    log.warning("%s: shard %05d: its worker was lost (%s); making it again", label, task.index,
+                                type(exc).__name__)
+                    queue.append(task)
+                if pool is not None and isinstance(exc, ray.exceptions.ActorDiedError):
+                    slot = actor_class.remote(stage)  # gone for good (restarts spent): a new actor takes its place
+            slots.append(slot)
     finally:
         if pool is not None:
             for actor in set(slots) | {slot for _, slot in in_flight.values()}:

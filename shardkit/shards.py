@@ -17,7 +17,7 @@ import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from shardkit import storage
 
@@ -248,26 +248,33 @@ class StageOutput:
     def record(self, index: int) -> ShardRecord:
         return ShardRecord.from_json(storage.read_text(self.record_uri(index)))
 
+    def _record_names(self) -> list[str]:
+        return [n for n in storage.list_names(storage.join(self.uri, RECORDS))
+                if n.endswith(".json") and storage.TEMP_MARKER not in n and n[:-5].isdigit()]
+
+    def iter_records(self) -> Iterator[ShardRecord]:
+        """The records one at a time: a stage of millions of shards, each with its failure
+        list, is never held whole."""
+        for name in self._record_names():
+            yield ShardRecord.from_json(storage.read_text(storage.join(self.uri, RECORDS, name)))
+
     def records(self) -> dict[int, ShardRecord]:
-        folder = storage.join(self.uri, RECORDS)
-        out = {}
-        for name in storage.list_names(folder):
-            if name.endswith(".json") and storage.TEMP_MARKER not in name:
-                record = ShardRecord.from_json(storage.read_text(storage.join(folder, name)))
-                out[record.shard] = record
-        return out
+        return {record.shard: record for record in self.iter_records()}
 
     def complete_shards(self) -> set[int]:
-        return set(self.records())
+        """From the records' names alone: no record is read."""
+        return {int(name[:-5]) for name in self._record_names()}
 
     def identity(self) -> str:
         """A digest of what a reader of this output sees: the plan, and each complete shard's
         record and tar size and modification time. A shard remade (a new record) or a tar
         replaced after the fact changes it; listing and stat calls only, no tar is read."""
-        fs, _ = storage.filesystem(self.uri)
+        fs, root = storage.filesystem(self.uri)
+        fs.invalidate_cache(root)  # sizes and stamps as they are now, not as this process last listed them
         plan_uri = storage.join(self.uri, PLAN)
         digest = hashlib.sha256(storage.read_bytes(plan_uri) if storage.exists(plan_uri) else b"")
-        for index, record in sorted(self.records().items()):
+        for record in self.iter_records():  # in shard order (zero-padded names), one at a time
+            index = record.shard
             info = fs.info(storage.filesystem(self.shard_uri(index))[1])
             # local files have an mtime; object stores name it otherwise, or give only an etag
             stamp = next((info[k] for k in ("mtime", "LastModified", "updated", "ETag", "etag") if info.get(k)), "")
@@ -292,25 +299,35 @@ class StageOutput:
             yield from read_shard(self.shard_uri(index))
 
 
-def summarise(plan: StagePlan, records: dict[int, ShardRecord], wall_seconds: float) -> dict[str, Any]:
+def summarise(plan: StagePlan, records: Mapping[int, ShardRecord] | Iterable[ShardRecord],
+              wall_seconds: float) -> dict[str, Any]:
     """The stage summary, over every record (this run's and earlier runs'), so a resumed
-    stage reports the whole output, not just the last part."""
-    failures = Counter(f.reason for r in records.values() for f in r.failures)
+    stage reports the whole output, not just the last part. One pass, counts only: records
+    may be a stream (StageOutput.iter_records)."""
+    failures: Counter[str] = Counter()
     counters: Counter[str] = Counter()
-    for record in records.values():
+    complete: set[int] = set()
+    samples_in = samples_out = 0
+    seconds = 0.0
+    for record in records.values() if isinstance(records, Mapping) else records:
+        complete.add(record.shard)
+        failures.update(f.reason for f in record.failures)
         counters.update(record.counters)
-    missing = sorted(set(range(plan.num_shards)) - set(records))
+        samples_in += record.samples_in
+        samples_out += record.samples_out
+        seconds += record.seconds
+    missing = sorted(set(range(plan.num_shards)) - complete)
     return {
         "dataset": plan.dataset,
         "stage": plan.stage,
         "shards_total": plan.num_shards,
-        "shards_complete": len(records),
+        "shards_complete": len(complete),
         "shards_missing": missing,
-        "samples_in": sum(r.samples_in for r in records.values()),
-        "samples_out": sum(r.samples_out for r in records.values()),
+        "samples_in": samples_in,
+        "samples_out": samples_out,
         "failures": sum(failures.values()),
         "failures_by_reason": dict(sorted(failures.items())),
         "counters": dict(sorted(counters.items())),
-        "shard_seconds": round(sum(r.seconds for r in records.values()), 3),
+        "shard_seconds": round(seconds, 3),
         "wall_seconds": round(wall_seconds, 3),
     }

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,8 +20,8 @@ from curation.sample import make_sample
 from shardkit.config import load_config
 from shardkit.shards import ShardRecord, StageOutput, StagePlan, make_key, summarise, write_shard
 from shardkit.validate import validate_stage
-from tests.conftest import REPO
 from tests.imaging import jpeg_bytes
+from tests.processes import kill_driver_when
 
 DATASET = {"syn": {"source": "synthetic", "count": 14, "seed": 4, "samples_per_shard": 5}}
 FORBIDDEN = ("<image>", "<pad>", "<s>", "</s>", "USER:", "ASSISTANT:", PAPER_PROMPT)
@@ -162,19 +160,8 @@ def test_kill_the_driver_and_rerun(ray_session, write_config, tiny_models):
     path = write_config(dataset, captioners=_captioners(tiny_models, batch_size=1), cluster={"num_cpus": 1})
     config = load_config(path)
     output = StageOutput.of(config.storage.root, "syn", stage_name("tiny"))
-    driver = subprocess.Popen([sys.executable, "-m", "captioning", "caption", "syn", "--captioner", "tiny",
-                               "--config", str(path)], cwd=REPO, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while len(output.complete_shards()) < 2 and time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(0.05)
-        assert driver.poll() is None, "captioning finished before it could be killed"
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    kill_driver_when(["captioning", "caption", "syn", "--captioner", "tiny", "--config", str(path)],
+                     lambda: len(output.complete_shards()) >= 2, wait_s=180, poll_s=0.05)
     done = output.complete_shards()
     assert 2 <= len(done) < 10
     summary = caption(config, "syn", "tiny")

@@ -187,3 +187,41 @@ def test_flagged_captions_are_reported_and_can_be_left_out(ray_session, write_co
     markdown = (tmp_path / "data" / "reports" / "nouns" / "nouns.md").read_text()
     assert "| known / dense.txt |" in markdown and "| 2 (excluded) |" in markdown
     assert "left out of every count above" in markdown
+
+
+def _old_gather_counts(count, jobs, rows):
+    """How counts were merged before (commit 76deb04): one task per shard, every result
+    merged in the driver as it finished."""
+    import ray
+
+    remote = ray.remote(count)
+    pending = {remote.remote(*args): row for row, args in jobs}
+    counts = {row: NounCounts() for row in rows}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        counts[pending.pop(ready[0])].merge(ray.get(ready[0]))
+    return counts
+
+
+def test_merging_on_workers_gives_the_driver_merge_exactly(ray_session, monkeypatch):
+    from analysis import job
+    from shardkit.growth import synthetic_counts
+
+    monkeypatch.setattr(job, "SHARDS_PER_TASK_MAX", 3)  # several shards a task, several levels of merges
+    monkeypatch.setattr(job, "TASKS_PER_SLOT", 1)
+    monkeypatch.setattr(job, "MERGE_FAN_IN", 2)
+    rows = ["alt text", "dense", "empty"]
+    jobs = [(rows[i % 2], (i, 50 + i, 3000, 6.0, i % 2)) for i in range(41)]
+    old = _old_gather_counts(synthetic_counts, jobs, rows)
+    new = job.gather_counts(synthetic_counts, jobs, rows, task_cpus=1.0)
+    assert list(new) == rows
+    for row in rows:
+        a, b = old[row], new[row]
+        assert (a.images, a.captions, a.words, a.nouns, a.per_caption, a.problems, a.flagged, a.flags, a.excluded) == \
+               (b.images, b.captions, b.words, b.nouns, b.per_caption, b.problems, b.flagged, b.flags, b.excluded)
+        in_order = NounCounts()  # and the nouns come in the order of a merge in shard order
+        for r, args in jobs:
+            if r == row:
+                in_order.merge(synthetic_counts(*args))
+        assert list(b.nouns) == list(in_order.nouns)
+    assert new["empty"].images == 0 and not new["empty"].nouns

@@ -19,7 +19,8 @@ from io import BytesIO
 import pytest
 
 from curation import urls
-from curation.urls import REASON_HOST, REASON_PRIVATE, REASON_SCHEME, check_url, guarded_urlopen
+from curation.urls import (REASON_HOST, REASON_PRIVATE, REASON_REDIRECT, REASON_SCHEME, PrivateAllowlist,
+                           check_url, guarded_urlopen)
 
 PAYLOAD = b"\x89PNG not really, but bytes\x00\x01"
 
@@ -161,6 +162,37 @@ def test_allow_private_checks_only_scheme_and_host_syntax():
     assert reason("http://u:p@127.0.0.1/", allow_private=True) == REASON_HOST
 
 
+def test_allowlist_admits_only_its_hosts_and_networks(fake_dns):
+    allow = PrivateAllowlist.parse(["127.0.0.1", "10.0.0.0/8", "Evil.Example."])
+    assert check_url("http://127.0.0.1:8000/x.jpg", allow_private=allow) is None
+    assert reason("http://127.0.0.2/x.jpg", allow_private=allow) == REASON_PRIVATE
+    assert check_url("http://10.200.3.4/", allow_private=allow) is None
+    assert check_url("http://[::ffff:10.1.1.1]/", allow_private=allow) is None  # mapped: the IPv4 host
+    assert reason("http://192.168.1.1/", allow_private=allow) == REASON_PRIVATE
+    assert reason("http://169.254.169.254/", allow_private=allow) == REASON_PRIVATE
+    assert check_url("http://evil.example/", allow_private=allow) is None  # a named host: its DNS is trusted
+    assert check_url("http://mixed.example/", allow_private=allow) is None  # 127.0.0.1 is admitted however reached
+    assert reason("http://v6.example/", allow_private=allow) == REASON_PRIVATE  # fe80::1 is not
+    assert check_url("https://good.example/", allow_private=allow) is None
+    assert reason("file:///etc/passwd", allow_private=allow) == REASON_SCHEME
+    # localhost names are loopback: admitted when the allowlist admits loopback
+    assert check_url("http://localhost:8000/", allow_private=allow) is None
+    assert reason("http://localhost/", allow_private=PrivateAllowlist.parse(["10.0.0.0/8"])) == REASON_PRIVATE
+    # a named host never admits link-local (cloud metadata); only a network entry does
+    assert not allow.admits("169.254.169.254", "evil.example")
+    assert allow.admits("10.9.9.9", "anything.example") and allow.admits("192.168.0.5", "evil.example")
+    assert PrivateAllowlist.parse(["169.254.0.0/16"]).admits("169.254.169.254")
+    assert PrivateAllowlist.parse(["::ffff:10.0.0.0/104"]).admits("10.3.2.1")
+    assert PrivateAllowlist.parse([], everything=True).admits("169.254.169.254")
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.1/8", "mirror.internal:8080", "http://mirror.internal", "*.internal",
+                                   "", "127.1", "1.2.3.4.5", "a b"])
+def test_allowlist_entries_are_validated(entry):
+    with pytest.raises(ValueError, match="^'"):
+        PrivateAllowlist.parse([entry])
+
+
 def test_is_public_address():
     assert urls.is_public_address("8.8.8.8")
     assert urls.is_public_address("2606:4700:4700::1111")
@@ -266,16 +298,16 @@ def test_redirects_to_other_schemes_are_refused(server, rebinding_dns, monkeypat
         monkeypatch.setattr(urls, "is_public_address", lambda ip: True)
     base = server if allow_private else rebinding_dns
     with guarded_urlopen(allow_private=allow_private):
-        with pytest.raises(urls.UnsafeURLError, match=f"^{REASON_SCHEME}: redirect to "):
+        with pytest.raises(urls.UnsafeURLError, match=f"^{REASON_REDIRECT}: redirect to .*: {REASON_SCHEME}: "):
             fetch(base + path)
 
 
 def test_redirect_to_private_host_is_refused_before_connecting():
-    handler = urls._GuardedRedirectHandler(allow_private=False)
+    handler = urls._GuardedRedirectHandler(urls.NO_PRIVATE)
     request = urllib.request.Request("https://good.example/a.jpg")
     headers = Message()
     headers["Location"] = "http://169.254.169.254/latest/meta-data"
-    with pytest.raises(urls.UnsafeURLError, match=f"^{REASON_PRIVATE}: redirect to "):
+    with pytest.raises(urls.UnsafeURLError, match=f"^{REASON_REDIRECT}: redirect to .*: {REASON_PRIVATE}: "):
         handler.http_error_301(request, BytesIO(), 301, "Moved", headers)
 
 

@@ -1,75 +1,96 @@
-"""Atomic, resumable checkpoints: `checkpoints/step_000500/` appears only when complete.
+"""Atomic, resumable checkpoints: `checkpoints/step_000500/` counts only when complete.
 
 Each worker writes its own data position and RNG state (they differ per rank); rank 0
-writes the model, EMA, optimiser and scheduler, then renames the folder into place after
-every rank has written, so a kill at any moment leaves either the old or the new checkpoint.
+writes the model, EMA, optimiser and scheduler and, after every rank has written, publishes
+the checkpoint, so a kill at any moment leaves either the old or the new checkpoint. In a
+local folder, publishing renames the staged folder into place. An object store has no
+renaming: there every file is written straight into `step_N/`, and `meta.json`, written
+last, is what makes it complete; a step folder without it is a kill's leftover and is
+ignored, then replaced.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from shardkit import storage
+
 _STEP = re.compile(r"^step_(\d{6,})$")
+META = "meta.json"
 
 
 def step_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"step_{step:06d}")
+    return storage.join(root, f"step_{step:06d}")
 
 
 def staging_dir(root: str, step: int) -> str:
-    return os.path.join(root, f".step_{step:06d}.partial")
+    if storage.is_local(root):
+        return storage.join(root, f".step_{step:06d}.partial")
+    return step_dir(root, step)
+
+
+def _steps(root: str) -> list[int]:
+    return sorted(int(m.group(1)) for m in map(_STEP.match, storage.list_names(root)) if m)
 
 
 def latest(root: str) -> tuple[int, str] | None:
-    if not os.path.isdir(root):
-        return None
-    steps = sorted(int(m.group(1)) for m in map(_STEP.match, os.listdir(root)) if m)
-    return (steps[-1], step_dir(root, steps[-1])) if steps else None
+    """The newest complete checkpoint: (step, folder)."""
+    for step in reversed(_steps(root)):
+        if storage.exists(storage.join(step_dir(root, step), META)):
+            return step, step_dir(root, step)
+    return None
+
+
+def _save(uri: str, state: dict[str, Any]) -> None:
+    # streamed into the (temporary local, or multipart upload) file: a large model's
+    # optimiser state is never a second copy in memory
+    with storage.atomic_open(uri) as f:
+        torch.save(state, f)
 
 
 def save_rank_state(staging: str, rank: int, state: dict[str, Any]) -> None:
-    os.makedirs(staging, exist_ok=True)
-    path = os.path.join(staging, f"rank{rank}.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    storage.makedirs(staging)
+    _save(storage.join(staging, f"rank{rank}.pt"), state)
 
 
-def save_shared_state(staging: str, state: dict[str, Any], meta: dict[str, Any]) -> None:
-    os.makedirs(staging, exist_ok=True)
-    torch.save(state, os.path.join(staging, "state.pt"))
-    with open(os.path.join(staging, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+def save_shared_state(staging: str, state: dict[str, Any]) -> None:
+    storage.makedirs(staging)
+    _save(storage.join(staging, "state.pt"), state)
 
 
-def publish(root: str, step: int, keep: int = 2) -> str:
-    """Rename the staged checkpoint into place and drop all but the newest `keep`."""
-    final = step_dir(root, step)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(staging_dir(root, step), final)
-    steps = sorted(int(m.group(1)) for m in map(_STEP.match, os.listdir(root)) if m)
-    for old in steps[:-keep]:
-        shutil.rmtree(step_dir(root, old), ignore_errors=True)
+def publish(root: str, step: int, meta: dict[str, Any], keep: int = 2) -> str:
+    """Mark the staged checkpoint complete (meta.json, written last), move it into place in a
+    local folder, and drop all but the newest `keep` complete ones."""
+    staging, final = staging_dir(root, step), step_dir(root, step)
+    storage.atomic_write(storage.join(staging, META), json.dumps(meta, indent=1))
+    if staging != final:
+        storage.remove_tree(final)
+        os.replace(storage.filesystem(staging)[1], storage.filesystem(final)[1])
+    older = [s for s in _steps(root) if s < step]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
+        storage.remove_tree(step_dir(root, old))
     return final
 
 
+def _load(uri: str) -> Any:
+    # weights_only: a checkpoint is data, never code
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
 def load(folder: str, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
-    """(shared state, this rank's state or None, meta). weights_only: a checkpoint is data,
-    never code."""
-    shared = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
-    rank_path = os.path.join(folder, f"rank{rank}.pt")
-    own = torch.load(rank_path, map_location="cpu", weights_only=True) if os.path.exists(rank_path) else None
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    return shared, own, meta
+    """(shared state, this rank's state or None, meta)."""
+    rank_uri = storage.join(folder, f"rank{rank}.pt")
+    own = _load(rank_uri) if storage.exists(rank_uri) else None
+    meta = json.loads(storage.read_text(storage.join(folder, META)))
+    return _load(storage.join(folder, "state.pt")), own, meta
 
 
 class ScriptState:

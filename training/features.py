@@ -164,8 +164,9 @@ def load_text_encoder(cfg: TextEncoderConfig, device: str):  # -> (tokenizer, en
     import torch
     from transformers import AutoTokenizer, T5EncoderModel
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    encoder = T5EncoderModel.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype)).to(device).eval()
+    folder = storage.local_folder(cfg.model)  # a URI is read from a local copy
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoder = T5EncoderModel.from_pretrained(folder, dtype=getattr(torch, cfg.dtype)).to(device).eval()
     return tokenizer, encoder
 
 
@@ -173,7 +174,7 @@ def load_vae(cfg: VaeConfig, device: str):
     import torch
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(cfg.model, torch_dtype=getattr(torch, cfg.dtype)).to(device).eval()
+    return AutoencoderKL.from_pretrained(storage.local_folder(cfg.model), torch_dtype=getattr(torch, cfg.dtype)).to(device).eval()
 
 
 def feature_fields(cfg: FeaturesConfig, text_cfg: TextEncoderConfig | None) -> list[str]:

@@ -567,8 +567,11 @@ def load_pipeline(folder: str, device: str | None = None) -> PixArtAlphaPipeline
     import torch
     from diffusers import PixArtAlphaPipeline
 
+    from shardkit import storage
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return PixArtAlphaPipeline.from_pretrained(folder).to(device)
+    # an export on an object store is read from a local copy (from_pretrained reads folders)
+    return PixArtAlphaPipeline.from_pretrained(storage.local_folder(folder)).to(device)
 
 
 def generate(folder_or_pipeline: Any, prompts: list[str], *, height: int, width: int, steps: int = 20,

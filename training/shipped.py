@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+from shardkit import storage
 from shardkit.config import PipelinesConfig
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ def run_summary(config: PipelinesConfig, stage: str, step: int | None = None) ->
     from training.trainer import run_layout
 
     layout = run_layout(config, stage)
-    metrics = [m for m in (json.loads(line) for line in open(layout.metrics) if line.strip())
-               if step is None or m["step"] <= step]
+    lines = storage.read_text(layout.metrics).splitlines() if storage.exists(layout.metrics) else []
+    metrics = [m for m in (json.loads(line) for line in lines if line.strip()) if step is None or m["step"] <= step]
     if not metrics:
         raise FileNotFoundError(f"{layout.metrics}: no metrics; train the stage first (make train-{stage})")
     cfg = config.training.stages[stage]
@@ -81,14 +81,14 @@ def ship(config: PipelinesConfig, stage: str, out: str, scores: str | None = Non
 
     layout = run_layout(config, stage)
     export = layout.export if step is None else layout.snapshot(step)
-    if not os.path.isfile(os.path.join(export, "model_index.json")):
+    if not storage.exists(storage.join(export, "model_index.json")):
         raise FileNotFoundError(f"{export}: no exported pipeline; run `make train-{stage}` first")
     summary = run_summary(config, stage, step)
     features = config.training.features[config.training.stages[stage].features]
     summary["features"] = features.model_dump(mode="json")
     summary["dataset"] = config.datasets[features.dataset].model_dump(mode="json")
     evaluation = json.loads(Path(scores).read_text()) if scores else None
-    pipe = PixArtAlphaPipeline.from_pretrained(export)
+    pipe = PixArtAlphaPipeline.from_pretrained(storage.local_folder(export))
     pipe.transformer.to(torch.float16)
 
     def write(tmp: Path) -> None:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -43,43 +44,112 @@ class TrainingError(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunLayout:
+    """Where a run lives, `root`: a local folder, or a URI on an object store (nodes of a
+    cluster share no disk). What cannot be written there directly (appended metrics,
+    TensorBoard's event files, sample grids, an export being built) is written in `work`, a
+    folder of this process's machine, and synced to `root` (RunSync). For a local root the
+    two are the same folder."""
     root: str
+
+    @classmethod
+    def of(cls, root: str) -> "RunLayout":
+        return cls(os.path.abspath(root) if storage.is_local(root) else root.rstrip("/"))
+
+    @property
+    def remote(self) -> bool:
+        return not storage.is_local(self.root)
+
+    @property
+    def work(self) -> str:
+        if not self.remote:
+            return self.root
+        return os.path.join(tempfile.gettempdir(), "pixart-data-runs", self.root.replace("://", "/"))
 
     @property
     def checkpoints(self) -> str:
-        return os.path.join(self.root, "checkpoints")
+        return storage.join(self.root, "checkpoints")
 
     @property
     def samples(self) -> str:
-        return os.path.join(self.root, "samples")
+        """Local: grids are drawn here, then synced."""
+        return os.path.join(self.work, "samples")
 
     @property
     def export(self) -> str:
-        return os.path.join(self.root, "pipeline")
+        return storage.join(self.root, "pipeline")
 
     @property
     def exports(self) -> str:
-        return os.path.join(self.root, "exports")
+        return storage.join(self.root, "exports")
 
     def snapshot(self, step: int) -> str:
-        return os.path.join(self.exports, f"step_{step:06d}")
+        return storage.join(self.exports, f"step_{step:06d}")
 
     @property
     def metrics(self) -> str:
-        return os.path.join(self.root, "metrics.jsonl")
+        return storage.join(self.root, "metrics.jsonl")
+
+    @property
+    def local_metrics(self) -> str:
+        return os.path.join(self.work, "metrics.jsonl")
 
     @property
     def tensorboard(self) -> str:
-        return os.path.join(self.root, "tensorboard")
+        return os.path.join(self.work, "tensorboard")
+
+
+SYNCED = ("metrics.jsonl", "tensorboard", "samples")
+
+
+class RunSync:
+    """Uploads what rank 0 wrote in `work` (metrics, TensorBoard events, sample grids) to a
+    remote root: the files new or changed since the last sync. Called after each published
+    checkpoint and at the end, so what a resumed run finds matches its checkpoint."""
+
+    def __init__(self, layout: RunLayout) -> None:
+        self.layout = layout
+        self.sent: dict[str, tuple[int, int]] = {}
+
+    def __call__(self) -> None:
+        if not self.layout.remote:
+            return
+        changed = set()
+        for top in SYNCED:
+            path = os.path.join(self.layout.work, top)
+            files = [path] if os.path.isfile(path) else [os.path.join(b, n) for b, _, ns in os.walk(path) for n in ns]
+            for file in files:
+                info = os.stat(file)
+                rel = os.path.relpath(file, self.layout.work)
+                if self.sent.get(rel) != (info.st_size, info.st_mtime_ns):
+                    changed.add(rel)
+                    self.sent[rel] = (info.st_size, info.st_mtime_ns)
+        if changed:
+            storage.put_folder(self.layout.work, self.layout.root, only=changed)
 
 
 def run_layout(config: PipelinesConfig, stage: str) -> RunLayout:
-    root = storage.join(config.storage.root, "runs", stage)
-    if not storage.is_local(root):
-        raise TrainingError(f"runs/{stage}: training writes checkpoints to a local or mounted folder, not {root}")
-    return RunLayout(os.path.abspath(root))
+    return RunLayout.of(storage.join(config.storage.root, "runs", stage))
+
+
+def publish_export(layout: RunLayout, build: Callable[[str], None], uri: str) -> None:
+    """Write a diffusers pipeline to `uri` (a folder of the run): `build(folder)` saves it; on
+    an object store it is saved locally, then uploaded with model_index.json last (its
+    presence is what says the pipeline is complete)."""
+    if not layout.remote:
+        build(uri)
+        return
+    local = os.path.join(layout.work, ".export")
+    shutil.rmtree(local, ignore_errors=True)
+    build(local)
+    storage.remove_tree(uri)
+    storage.put_folder(local, uri, last="model_index.json")
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def exported(folder: str) -> bool:
+    return storage.exists(storage.join(folder, "model_index.json"))
 
 
 def _peak_flops(cfg: StageConfig, device: torch.device) -> float | None:
@@ -139,17 +209,22 @@ def ray_worker_loop(ctx: dict[str, Any]) -> None:
 def worker_loop(ctx: dict[str, Any], worker: Worker) -> None:
     """Runs on every Ray Train worker, or once in this process (cluster.in_process)."""
     cfg = StageConfig(**ctx["stage"])
-    layout = RunLayout(ctx["run_root"])
+    layout = RunLayout.of(ctx["run_root"])
     rank, world, device = worker.rank, worker.world, worker.device
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.makedirs(layout.work, exist_ok=True)
+    # models named by URI are read from a copy on this worker's machine
+    for key in ("init", "vae_dir", "text_encoder_dir"):
+        if ctx.get(key):
+            ctx[key] = storage.local_folder(ctx[key])
+    run_sync = RunSync(layout)
 
     model, start_note = start.build(ctx)
     # on the device before the optimiser exists: a resumed optimiser's state is cast to its
     # parameters' device when loaded, and must not stay on the CPU beside GPU parameters
     model.to(device)
     if rank == 0:
-        with open(os.path.join(layout.root, "start.json"), "w") as f:
-            json.dump(start_note, f, indent=2)
+        storage.atomic_write(storage.join(layout.root, "start.json"), json.dumps(start_note, indent=2))
     conditioning = CONDITIONINGS[cfg.conditioning](ctx, micro_conditions=bool(getattr(model.config, "use_additional_conditions", False)))
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
@@ -255,21 +330,24 @@ def worker_loop(ctx: dict[str, Any], worker: Worker) -> None:
             if rank == 0:
                 _log_metrics(layout, writer, metrics)
             window_start, window_images = time.perf_counter(), 0
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(layout, step, rank, world, base_model, ema, optimizer, scheduler, reader.position, cfg)
         if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
             conditioning.sample_grids(ema, cfg, os.path.join(layout.samples, f"step_{step:06d}.png"))
             ema.to(device)
         if rank == 0 and cfg.export_every and (step % cfg.export_every == 0 or step == cfg.steps):
-            conditioning.export(ema, layout.snapshot(step))
+            publish_export(layout, lambda folder: conditioning.export(ema, folder), layout.snapshot(step))
             ema.to(device)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save_checkpoint(layout, step, rank, world, base_model, ema, optimizer, scheduler, reader.position, cfg)
+            if rank == 0:
+                writer.flush()
+                run_sync()
 
     digest = {"rank": rank, "step": step, "parameters_sha256": _digest(base_model), "position": asdict(reader.position)}
-    with open(os.path.join(layout.root, f"worker{rank}.json"), "w") as f:
-        json.dump(digest, f)
+    storage.atomic_write(storage.join(layout.root, f"worker{rank}.json"), json.dumps(digest))
     if rank == 0:
-        conditioning.export(ema, layout.export)
+        publish_export(layout, lambda folder: conditioning.export(ema, folder), layout.export)
         writer.close()
+        run_sync()
 
 
 def _barrier(world: int) -> None:
@@ -280,9 +358,12 @@ def _barrier(world: int) -> None:
 
 
 def _lock_run(layout: RunLayout, timeout_s: float = 300.0):  # -> an open file holding the lock
+    """Held by rank 0 for the run. It guards this machine's folders against a killed run's
+    leftover workers; on an object store nothing locks across machines, and the run relies
+    on checkpoints being published whole."""
     import fcntl
 
-    handle = open(os.path.join(layout.root, ".lock"), "w")
+    handle = open(os.path.join(layout.work, ".lock"), "w")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -295,7 +376,7 @@ def _lock_run(layout: RunLayout, timeout_s: float = 300.0):  # -> an open file h
 
 
 def _log_metrics(layout: RunLayout, writer, metrics: dict[str, Any]) -> None:  # noqa: ANN001
-    with open(layout.metrics, "a") as f:
+    with open(layout.local_metrics, "a") as f:
         f.write(json.dumps(metrics) + "\n")
     for key, value in metrics.items():
         if key != "step" and isinstance(value, (int, float)):
@@ -312,11 +393,10 @@ def _save_checkpoint(layout: RunLayout, step: int, rank: int, world: int, model,
     if rank == 0:
         checkpoint.save_shared_state(
             staging, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict()},
-            {"step": step, "world": world, "stage": cfg.model_dump(mode="json")})
-    _barrier(world)  # every rank's position is on disk before the checkpoint is published
+                      "scheduler": scheduler.state_dict()})
+    _barrier(world)  # every rank's position is stored before the checkpoint is published
     if rank == 0:
-        checkpoint.publish(layout.checkpoints, step)
+        checkpoint.publish(layout.checkpoints, step, {"step": step, "world": world, "stage": cfg.model_dump(mode="json")})
         log.info("checkpoint at step %d", step)
 
 
@@ -339,20 +419,21 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
     vae_cfg = config.training.vaes[features_cfg.vae]
     text_cfg = config.training.text_encoders[features_cfg.text_encoder] if cfg.conditioning == "text" else None
     layout = run_layout(config, stage)
-    if restart and os.path.exists(layout.root):
-        shutil.rmtree(layout.root)
-    os.makedirs(layout.root, exist_ok=True)
+    if restart:
+        storage.remove_tree(layout.root)
+        shutil.rmtree(layout.work, ignore_errors=True)
+    storage.makedirs(layout.root)
     found = checkpoint.latest(layout.checkpoints)
     if found:
         _check_resumable(stage, cfg, found[1])
-    if found and found[0] >= cfg.steps and os.path.exists(os.path.join(layout.export, "model_index.json")):
+    if found and found[0] >= cfg.steps and exported(layout.export):
         log.info("%s: already trained to step %d and exported to %s", stage, found[0], layout.export)
         return _summary(stage, cfg, layout, found, seconds=0.0)
     # imported only now: seconds of start-up that a stage found trained and exported skips
     from diffusers import AutoencoderKL
     from transformers import T5Config
 
-    vae_config = AutoencoderKL.load_config(vae_cfg.model)
+    vae_config = AutoencoderKL.load_config(storage.local_folder(vae_cfg.model))
     ctx = {
         "stage": cfg.model_dump(mode="json"), "run_root": layout.root, "features_uri": features.uri, "init": init,
         "resolution": features_cfg.resolution, "latent_channels": vae_config["latent_channels"],
@@ -364,7 +445,8 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
     if text_cfg is not None:
         embeds, masks = _prompt_embeddings(text_cfg, cfg.validation_prompts)
         ctx.update({
-            "caption_channels": T5Config.from_pretrained(text_cfg.model).d_model, "text_encoder_dir": text_cfg.model,
+            "caption_channels": T5Config.from_pretrained(storage.local_folder(text_cfg.model)).d_model,
+            "text_encoder_dir": text_cfg.model,
             "prompt_embeds": embeds, "prompt_masks": masks,
             "null_embed": from_stored(npy_array(storage.read_bytes(storage.join(features.uri, NULL_CAPTION)))).numpy(),
         })
@@ -378,7 +460,7 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
                                 f"{cfg.features} ({', '.join(classes)})")
         ctx["classes"] = classes
     try:
-        start.check(cfg, init, ctx)
+        start.check(cfg, storage.local_folder(init) if init else None, ctx)
     except start.StartError as exc:
         raise TrainingError(str(exc)) from None
     started = time.monotonic()
@@ -403,7 +485,8 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
         torch_config=TorchConfig(backend="nccl" if cfg.gpus_per_worker > 0 else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}),
-        run_config=RunConfig(name="ray", storage_path=os.path.join(layout.root, "ray"),
+        # Ray Train's own storage holds no checkpoints of ours: a folder of the driver's machine
+        run_config=RunConfig(name="ray", storage_path=os.path.join(layout.work, "ray"),
                              failure_config=FailureConfig(max_failures=0)),
     )
     try:
@@ -425,8 +508,7 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "export_every"
 
 
 def _check_resumable(stage: str, cfg: StageConfig, found: str) -> None:
-    with open(os.path.join(found, "meta.json")) as f:
-        before = json.load(f).get("stage", {})
+    before = json.loads(storage.read_text(storage.join(found, checkpoint.META))).get("stage", {})
     now = cfg.model_dump(mode="json")
     changed = sorted(k for k in now.keys() - RESUMABLE_CHANGES if k in before and before[k] != now[k])
     if changed:
@@ -439,28 +521,33 @@ def _resolve_init(config: PipelinesConfig, stage: str) -> str | None:
     """`init`, or the exported pipeline of `init_stage`, which must have been trained."""
     cfg = config.training.stages[stage]
     if cfg.init_stage is None:
-        if cfg.init and not os.path.exists(cfg.init):
+        if cfg.init and not storage.exists(cfg.init):
             raise TrainingError(f"training.stages.{stage}.init: {cfg.init} does not exist")
         return cfg.init
     export = run_layout(config, cfg.init_stage).export
-    if not os.path.exists(os.path.join(export, "model_index.json")):
+    if not exported(export):
         raise TrainingError(f"{stage} starts from {cfg.init_stage}, which has not been trained and exported yet "
                             f"({export}): run `make train-{cfg.init_stage}` first")
     return export
 
 
+def _read_metrics(uri: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()] if storage.exists(uri) else []
+
+
 def _summary(stage: str, cfg: StageConfig, layout: RunLayout, resumed: tuple[int, str] | None, seconds: float) -> dict[str, Any]:
-    metrics = [json.loads(line) for line in open(layout.metrics)] if os.path.exists(layout.metrics) else []
+    metrics = _read_metrics(layout.metrics)
     return {"stage": stage, "steps": cfg.steps, "first_loss": metrics[0]["loss"] if metrics else None,
             "last_loss": metrics[-1]["loss"] if metrics else None, "seconds": round(seconds, 1),
             "pipeline": layout.export, "samples": layout.samples, "resumed_from": resumed[0] if resumed else 0}
 
 
 def _trim_metrics(layout: RunLayout, step: int) -> None:
-    """Metrics logged after the checkpoint we resume from will be logged again: drop them."""
-    if not os.path.exists(layout.metrics):
-        return
-    kept = [line for line in open(layout.metrics) if line.strip() and json.loads(line)["step"] <= step]
-    with open(layout.metrics + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(layout.metrics + ".tmp", layout.metrics)
+    """Metrics logged after the checkpoint we resume from will be logged again: drop them. The
+    run's own file is the truth (this machine's work copy may be another run's, or none)."""
+    kept = [m for m in _read_metrics(layout.metrics) if m["step"] <= step]
+    with open(layout.local_metrics + ".tmp", "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in kept)
+    os.replace(layout.local_metrics + ".tmp", layout.local_metrics)
+    if layout.remote:
+        storage.atomic_write(layout.metrics, "".join(json.dumps(m) + "\n" for m in kept))

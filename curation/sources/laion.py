@@ -9,8 +9,11 @@ Ray distributor. The reasons:
 - our image policy (header-checked pixel bound, EXIF orientation, 16-bit and CMYK handling,
   hashes for dedup computed from the same decode) goes in as its `resizer`, and our writer
   as its `sample_writer_class`, so nothing is decoded twice or written twice;
-- unsafe URLs are removed before img2dataset sees them, and its urllib fetches run under an
-  opener that re-checks every connection's peer address (see curation/urls.py).
+- unsafe URLs are removed before img2dataset sees them, and its urllib fetches run under our
+  guarded opener (curation/urls.py), installed as urllib's for the shard: it re-checks every
+  redirect target and every connection's peer address against the allowlist, and bounds
+  each image by `deadline_s` (connect, redirects, headers and body) and
+  `max_download_bytes` (img2dataset's own `.read()` is cut at the cap, never held whole).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.fetch import Candidate, FetchStage, ShardBuilder
-from curation.urls import check_url, guarded_urlopen
+from curation.urls import FetchLimits, PrivateAllowlist, check_url, guarded_urlopen
 from shardkit import storage
 from shardkit.runner import ShardTask
 from shardkit.shards import make_key
@@ -36,11 +39,15 @@ log = logging.getLogger(__name__)
 KEY_COLUMN = "__sample_key__"
 
 
+_OWN_REASON = re.compile(r"(unsafe_url:[a-z_]+|deadline|too_large): ")
+
+
 def failure_reason(message: str) -> str:
     """A short category for an img2dataset error message (the message itself is kept as
     the failure's detail)."""
-    if message.startswith("unsafe_url"):
-        return message.split(":", 2)[0] + ":" + message.split(":", 2)[1].split(" ")[0]
+    own = _OWN_REASON.match(message)
+    if own:  # the guarded opener's refusals; before the needles, which a URL could contain
+        return own.group(1)
     http = re.search(r"HTTP Error (\d{3})", message)
     if http:
         return f"http_{http.group(1)}"
@@ -72,7 +79,26 @@ class _Collector:
         pass
 
 
+def row_groups_holding(parquet, start: int, stop: int) -> list[tuple[int, int]]:  # noqa: ANN001 - pq.ParquetFile
+    """(row group, its first row) of the groups that hold rows [start, stop)."""
+    groups, offset = [], 0
+    for g in range(parquet.num_row_groups):
+        n = parquet.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append((g, offset))
+        offset += n
+    return groups
+
+
 class LaionStage(FetchStage):
+    @property
+    def allowlist(self) -> PrivateAllowlist:
+        return PrivateAllowlist.parse(self.cfg.allowed_private, everything=self.cfg.allow_private_urls)
+
+    @property
+    def limits(self) -> FetchLimits:
+        return FetchLimits(deadline_s=self.cfg.deadline_s, max_bytes=self.cfg.max_download_bytes)
+
     def slices(self) -> list[tuple[str, int, int]]:
         per = self.cfg.samples_per_shard
         out = []
@@ -88,6 +114,13 @@ class LaionStage(FetchStage):
                 out += [(file_uri, start, min(start + per, rows)) for start in range(0, rows, per)]
         return out
 
+    def __getstate__(self) -> dict:
+        # the runner sends the stage to every task, and each task carries its own slice: the
+        # list of every slice (one per shard, so growing with the dataset) stays in the driver
+        state = dict(self.__dict__)
+        state.pop("_slices", None)
+        return state
+
     def _rows(self, uri: str, start: int, stop: int) -> pa.Table:
         fs, path = storage.filesystem(uri)
         with fs.open(path, "rb") as f:
@@ -98,20 +131,26 @@ class LaionStage(FetchStage):
                     raise ValueError(f"{uri}: no column {column!r} (columns: {sorted(names)})")
             columns = [self.cfg.url_column, self.cfg.caption_column] + [
                 c for c in self.cfg.metadata_columns if c in names and c not in (self.cfg.url_column, self.cfg.caption_column)]
-            # read only the row groups that hold this slice
-            groups, offset = [], 0
-            for g in range(parquet.num_row_groups):
-                n = parquet.metadata.row_group(g).num_rows
-                if offset < stop and offset + n > start:
-                    groups.append((g, offset))
-                offset += n
-            table = parquet.read_row_groups([g for g, _ in groups], columns=columns)
-            return table.slice(start - groups[0][1], stop - start)
+            # only the row groups that hold this slice, streamed batch by batch up to its end: a
+            # row group can hold a million rows (pyarrow's default) and a task wants a thousand;
+            # a whole group decoded at once cost a worker ~500 MB and seconds per shard
+            groups = row_groups_holding(parquet, start, stop)
+            batches, position = [], groups[0][1]
+            for batch in parquet.iter_batches(batch_size=max(1024, min(1 << 16, stop - start)),
+                                              row_groups=[g for g, _ in groups], columns=columns):
+                lo, hi = max(start, position), min(stop, position + batch.num_rows)
+                if hi > lo:
+                    batches.append(batch.slice(lo - position, hi - lo))
+                position += batch.num_rows
+                if position >= stop:
+                    break
+            return pa.Table.from_batches(batches, schema=pa.schema([parquet.schema_arrow.field(c) for c in columns]))
 
     def collect(self, task: ShardTask, builder: ShardBuilder) -> None:
         uri, start, stop = task.payload
         table = self._rows(uri, start, stop).to_pylist()
         wanted: list[Candidate] = []
+        allowlist = self.allowlist
         for index, row in enumerate(table):
             key = make_key(task.index, index)
             url = row.pop(self.cfg.url_column)
@@ -119,7 +158,7 @@ class LaionStage(FetchStage):
             # LAION has NaN where a score is unknown; JSON has no NaN, so it becomes null
             meta = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
             candidate = Candidate(key, origin=str(url), caption="" if caption is None else str(caption), meta=meta)
-            unsafe = check_url(str(url or ""), allow_private=self.cfg.allow_private_urls)
+            unsafe = check_url(str(url or ""), allow_private=allowlist)
             if unsafe:
                 builder.fail(key, *unsafe)
             elif builder.prefilter(candidate):
@@ -151,7 +190,7 @@ class LaionStage(FetchStage):
                 verify_hash_type=None, encode_format="jpg", retries=self.cfg.retries, user_agent_token=None,
                 disallowed_header_directives=None,
             )
-            with guarded_urlopen(allow_private=self.cfg.allow_private_urls):
+            with guarded_urlopen(self.allowlist, self.limits):
                 downloader.download_shard((shard, feather))
         for image, meta in results:
             candidate = by_key.pop(meta[KEY_COLUMN])

@@ -3,6 +3,13 @@
 Each tar is downloaded whole (resumable, size-checked) and then read as a stream: images
 are never unpacked to disk, masks are never kept; from each annotation json only what helps
 select data travels on (number of masks, mean predicted IoU and stability, image size).
+
+A download goes through the guarded opener (curation/urls.py): the allowlist on every hop
+and connected address, one deadline over the HEAD and the GET (`deadline_s`), and a cap on
+the tar (`max_download_bytes`). Refusals that a rerun would meet again (an unsafe URL or
+redirect, a tar over the cap) are recorded as the tar's failure and the shard completes
+empty; a deadline fails the shard and keeps the partial file, which a rerun resumes.
+Members over `max_member_bytes` are skipped unread and recorded.
 """
 
 from __future__ import annotations
@@ -10,14 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tarfile
 import urllib.request
 from dataclasses import dataclass
 from typing import IO, Iterator
 
 from curation.fetch import Candidate, FetchStage, ShardBuilder
-from curation.urls import check_url, guarded_urlopen
+from curation.urls import (REASON_TOO_LARGE, DownloadLimitError, FetchLimits, PrivateAllowlist,
+                           UnsafeURLError, build_guarded_opener, check_url)
 from shardkit import storage
 from shardkit.runner import ShardTask
 from shardkit.shards import make_key
@@ -90,7 +97,19 @@ class SamStage(FetchStage):
 
     def collect(self, task: ShardTask, builder: ShardBuilder) -> None:
         name, location = task.payload
-        path = self._download(name, location) if self.cfg.links else location
+        if self.cfg.links:
+            try:
+                path = self._download(name, location)
+            except UnsafeURLError as exc:
+                builder.fail(name, exc.reason, f"{location}: {exc.detail}")
+                return
+            except DownloadLimitError as exc:
+                if exc.reason != REASON_TOO_LARGE:
+                    raise OSError(f"{name}: {exc}; the part downloaded is kept, rerun to resume") from None
+                builder.fail(name, exc.reason, f"{location}: {exc.detail}")
+                return
+        else:
+            path = location
         fs, inner = storage.filesystem(path)
         with fs.open(inner, "rb") as stream:
             for index, (pending, stats) in enumerate(self._images(stream, name, builder)):
@@ -110,6 +129,10 @@ class SamStage(FetchStage):
                 stem, _, ext = os.path.basename(member.name).rpartition(".")
                 if ext.lower() not in ("jpg", "jpeg", "json"):
                     builder.count("sam:other_member")
+                    continue
+                if member.size > self.cfg.max_member_bytes:  # skipped unread: tarfile seeks past it
+                    builder.fail(f"{tar_name}:{member.name}", REASON_TOO_LARGE,
+                                 f"{member.size} bytes; the limit is {self.cfg.max_member_bytes}")
                     continue
                 entry = pending.setdefault(stem, _Pending(member.name))
                 data = tar.extractfile(member).read()
@@ -135,25 +158,42 @@ class SamStage(FetchStage):
 
     def _download(self, name: str, url: str) -> str:
         """The tar on local disk: kept if already complete (size checked against the server),
-        resumed with a Range request if partial, otherwise fetched from the start."""
-        unsafe = check_url(url, allow_private=self.cfg.allow_private_urls)
+        resumed with a Range request if partial, otherwise fetched from the start. Raises
+        UnsafeURLError or DownloadLimitError (curation/urls.py) when refused or cut."""
+        allowlist = PrivateAllowlist.parse(self.cfg.allowed_private, everything=self.cfg.allow_private_urls)
+        unsafe = check_url(url, allow_private=allowlist)
         if unsafe:
-            raise OSError(f"{unsafe[0]}: {unsafe[1]}")
+            raise UnsafeURLError(*unsafe, url=url)
         os.makedirs(self.download_dir, exist_ok=True)
         dest = os.path.join(self.download_dir, name)
         partial = dest + ".part"
         timeout = self.cfg.timeout_s
-        with guarded_urlopen(allow_private=self.cfg.allow_private_urls):
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as head:
-                length = int(head.headers.get("Content-Length") or -1)
-            if os.path.exists(dest) and (length < 0 or os.path.getsize(dest) == length):
-                return dest
-            offset = os.path.getsize(partial) if os.path.exists(partial) else 0
-            headers = {"Range": f"bytes={offset}-"} if offset else {}
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
-                resumed = offset > 0 and response.status == 206
-                with open(partial, "ab" if resumed else "wb") as out:
-                    shutil.copyfileobj(response, out, CHUNK)
+        cap = self.cfg.max_download_bytes
+        # one deadline over the HEAD and the GET; the cap bounds any one body and, below, the tar
+        opener = build_guarded_opener(allowlist, FetchLimits(self.cfg.deadline_s, max_bytes=cap))
+        try:
+            with opener.one_fetch():
+                with opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout) as head:
+                    length = int(head.headers.get("Content-Length") or -1)
+                if length > cap:
+                    raise DownloadLimitError(REASON_TOO_LARGE, f"the server announces {length} bytes; the limit is {cap}")
+                if os.path.exists(dest) and (length < 0 or os.path.getsize(dest) == length):
+                    return dest
+                offset = os.path.getsize(partial) if os.path.exists(partial) else 0
+                headers = {"Range": f"bytes={offset}-"} if offset else {}
+                with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+                    resumed = offset > 0 and response.status == 206
+                    total = offset if resumed else 0
+                    with open(partial, "ab" if resumed else "wb") as out:
+                        while chunk := response.read1(CHUNK):  # what arrived is kept, even when cut
+                            total += len(chunk)
+                            if total > cap:
+                                raise DownloadLimitError(REASON_TOO_LARGE, f"more than {cap} bytes received")
+                            out.write(chunk)
+        except DownloadLimitError as exc:
+            if exc.reason == REASON_TOO_LARGE and os.path.exists(partial):
+                os.remove(partial)  # never completable under this cap
+            raise
         size = os.path.getsize(partial)
         if length >= 0 and size != length:
             raise OSError(f"{name}: downloaded {size} bytes, server announced {length}; rerun to resume")
