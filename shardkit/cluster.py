@@ -25,6 +25,26 @@ def _project_modules() -> list:
     return modules
 
 
+QUIETED_LOGGERS = {
+    # Ray Train's placement-group cleaner asks the State API once a second whether the training
+    # controller lives; without a dashboard (we start none) every ask fails and warns: hundreds
+    # of lines a run, about a cleanup that only matters if the controller crashes
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+}
+
+
+def worker_setup() -> None:
+    """Run in every Ray worker process as it starts (runtime_env's worker_process_setup_hook)."""
+    import ray
+
+    # Ray's State API (that cleaner uses it) finds its cluster by RAY_ADDRESS, else by looking
+    # for Ray processes on this machine: where two Rays run (a test session beside a demo, two
+    # users) it cannot choose, and the cleaner dies with a 30-line traceback. Its own cluster.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    for name, level in QUIETED_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def worker_env(cfg: ClusterConfig) -> dict[str, str]:
     """What every worker's environment gets: ours, cluster.env, and the driver's variables
     that cluster.forward_env names."""
@@ -41,7 +61,7 @@ def connect(cfg: ClusterConfig) -> None:
         return
     for key, value in {**WORKER_ENV, **cfg.env}.items():
         os.environ.setdefault(key, value)
-    runtime_env: dict = {"env_vars": worker_env(cfg)}
+    runtime_env: dict = {"env_vars": worker_env(cfg), "worker_process_setup_hook": "shardkit.cluster.worker_setup"}
     address = cfg.resolved_address()
     if address is None:
         log.info("starting an embedded local Ray (%s CPUs)", cfg.num_cpus or os.cpu_count())

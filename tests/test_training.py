@@ -238,3 +238,29 @@ def test_bad_training_input_is_a_clear_error(ray_session, write_config, tmp_path
     bad = load_config(_config(write_config, init=str(tmp_path / "other"), steps=2))
     with pytest.raises(TrainingError, match="takes 32-dim captions, the features hold 64-dim"):
         train(bad, "s")
+
+
+def test_a_stage_that_cannot_start_says_why_in_one_line(write_config):
+    path = _config(write_config)
+    raw = __import__("yaml").safe_load(path.read_text())
+    raw["training"]["stages"]["next"] = {**raw["training"]["stages"]["s"], "init_stage": "s"}
+    path.write_text(__import__("yaml").safe_dump(raw, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "training", "train", "next", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: next starts from s, which has not been trained") and "make train-s" in last
+
+
+def test_training_output_stays_readable_beside_another_ray(ray_session, write_config):
+    """The command line starts its own Ray beside this session's: Ray Train's placement-group
+    cleaner, which finds its cluster by looking at the machine, died there with a 30-line
+    traceback (or warned once a second without a dashboard) until workers were told their
+    own cluster's address."""
+    path = _config(write_config, steps=12, checkpoint_every=6, sample_every=12, log_every=6)
+    done = subprocess.run([sys.executable, "-m", "training", "train", "s", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for noise in ("PlacementGroupCleaner", "Failed to query", "multiple active Ray instances", "Traceback"):
+        assert noise not in done.stderr

@@ -27,6 +27,7 @@ import torch
 
 from shardkit import cluster, pipeline, storage
 from shardkit.config import PipelinesConfig, StageConfig
+from shardkit.runner import StageError
 from shardkit.shards import StageOutput
 from training import checkpoint, start
 from training.conditioning import CONDITIONINGS
@@ -40,8 +41,8 @@ log = logging.getLogger(__name__)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(StageError):
+    """A stage that cannot train as configured; the command line prints it as one line."""
 
 
 @dataclass(frozen=True)
