@@ -3,8 +3,9 @@
 #   make sources | make curate DATASET=sample-laion | make caption DATASET=sample-sam [CAPTIONER=x]
 #   make nouns [DATASET=a,b] [FIELDS=txt,synthetic-captioner] [EXCLUDE_FLAGGED=1] | make features DATASET=sample-sam
 #   make train-stage1 | make train-stage2 | make train-stage3   (each starts from the one before)
-#   make eval [PIPELINE=folder] | make reproduce [SCALE=4] | make train-stage2-long | make train-captioner | train-vae | train-text-encoder
-#   make validate DATASET=x [STAGE=shards]
+#   make eval [PIPELINE=folder] | make reproduce [SCALE=4] | make train-stage2-long | make train-captioner | train-vae | train-text-encoder | train-scorer
+#   make validate DATASET=x [STAGE=shards] | make view DATASET=x [STAGE=shards] [LIMIT=N] [SERVE=1 [PORT=8000]]
+#   make score DATASET=x [SCORER=synthetic-scorer]
 # CONFIG=other.yaml picks another config; SET="key.path=value other.key=value" overrides values.
 
 SHELL := /bin/bash
@@ -35,7 +36,7 @@ ARGS := $(foreach s,$(SET),--set $(s))
 comma := ,
 DATASETS := $(subst $(comma), ,$(DATASET))
 
-.PHONY: setup setup-vllm demo test bench sources curate caption nouns features train-stage1 train-stage2 train-stage3 train-captioner train-vae train-text-encoder train-stage2-long eval reproduce import-dit validate status config lock clean require-dataset
+.PHONY: setup setup-vllm chromium demo test bench sources curate caption nouns score view features train-stage1 train-stage2 train-stage3 train-captioner train-vae train-text-encoder train-scorer train-stage2-long eval reproduce import-dit validate status config lock clean require-dataset
 
 setup: $(STAMP)
 
@@ -65,10 +66,14 @@ demo: setup
 	$(call TIMED,sources) $(PY) -m curation sources $(ARGS)
 	$(call TIMED,curate) $(PY) -m curation curate $(DEMO_DATASETS) $(ARGS)
 	$(call TIMED,caption) $(PY) -m captioning caption sample-laion sample-sam $(ARGS)
+	$(call TIMED,score) $(PY) -m analysis score sample-laion,sample-sam $(ARGS)
 	$(call TIMED,validate) bash -c 'for d in $(DEMO_DATASETS); do $(PY) -m shardkit validate $$d $(ARGS) || exit 1; done; \
-	  for d in sample-laion sample-sam; do $(PY) -m shardkit validate $$d captions/synthetic-captioner $(ARGS) || exit 1; done'
+	  for d in sample-laion sample-sam; do for s in captions/synthetic-captioner scores/synthetic-scorer; do \
+	    $(PY) -m shardkit validate $$d $$s $(ARGS) || exit 1; done; done'
 	$(call TIMED,nouns) $(PY) -m analysis nouns $(ARGS)
-	$(call TIMED,features) $(PY) -m training features classes-64 sam-dense laion-hq-128 $(ARGS)
+	$(call TIMED,view) bash -c 'for d in sample-laion sample-sam; do $(PY) -m analysis view $$d --stage scores/synthetic-scorer $(ARGS) || exit 1; done; \
+	  $(PY) -m analysis view sample-synthetic $(ARGS)'
+	$(call TIMED,features) $(PY) -m training features classes-64 sam-dense sam-aesthetic-128 $(ARGS)
 	$(call TIMED,train-stage1) $(PY) -m training train stage1 $(ARGS)
 	$(call TIMED,train-stage2) $(PY) -m training train stage2 $(ARGS)
 	$(call TIMED,train-stage3) $(PY) -m training train stage3 $(ARGS)
@@ -76,8 +81,18 @@ demo: setup
 	$(PY) -m shardkit status $(ARGS)
 	$(REPORT) write $(ARGS) --shipped $(SHIPPED_PIXART)
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q
+
+# The viewer's tests drive a real headless Chromium (docs/viewer.md). Debian's package is
+# installed here when it is missing and we are root with apt (CI, .ci/run); otherwise those
+# tests fail saying how to install it.
+chromium:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "$$CHROMIUM" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the viewer's browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else echo "warning: no chromium: the viewer's tests will fail (sudo apt-get install chromium, or CHROMIUM=/path)"; fi
 
 bench: setup
 	$(PY) -m shardkit.bench $(ARGS)
@@ -90,6 +105,16 @@ curate: setup require-dataset
 
 nouns: setup
 	$(PY) -m analysis nouns $(if $(DATASET),--datasets $(DATASET)) $(if $(FIELDS),--fields $(FIELDS)) $(if $(EXCLUDE_FLAGGED),--exclude-flagged) $(ARGS)
+
+# CLIP image-caption similarity and an aesthetic score per sample into scores/<scorer>/ (docs/scoring.md)
+SCORER ?=
+score: setup require-dataset
+	$(PY) -m analysis score $(DATASET) $(if $(SCORER),--scorer $(SCORER)) $(ARGS)
+
+# A static HTML page of one stage (thumbnails, alt text, every captioner's caption with nouns
+# marked, scores, flags, failures; search and filters): <storage>/reports/view/<dataset>/index.html
+view: setup require-dataset
+	$(PY) -m analysis view $(DATASET) --stage $(STAGE) $(if $(LIMIT),--limit $(LIMIT)) $(if $(SERVE),--serve) $(if $(PORT),--port $(PORT)) $(ARGS)
 
 features: setup
 	$(PY) -m training features $(if $(FEATURES),$(FEATURES)) $(if $(DATASET),--dataset $(DATASET)) $(ARGS)
@@ -136,6 +161,11 @@ train-vae: setup
 
 train-text-encoder: setup
 	$(PY) -m training.train_text_encoder training/models/synthetic-t5 $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED))
+
+# The demo's scorer (docs/scoring.md): the synthetic CLIP (about 13 min), then the aesthetic head over it (1 min)
+train-scorer: setup
+	$(PY) -m analysis.train_clip analysis/models/synthetic-clip $(if $(STEPS),--steps $(STEPS)) $(if $(SEED),--seed $(SEED))
+	$(PY) -m analysis.train_aesthetic analysis/models/synthetic-aesthetic --clip analysis/models/synthetic-clip $(if $(SEED),--seed $(SEED))
 
 # DiT weights (diffusers folder or original .pt) into a PixArt transformer, the paper's way
 import-dit: setup

@@ -1,4 +1,6 @@
-"""`python -m analysis nouns [--datasets a,b] [--fields txt,tiny-llava]`: the noun report."""
+"""`python -m analysis nouns [--datasets a,b] [--fields txt,tiny-llava]`: the noun report.
+`python -m analysis view DATASET [--stage shards] [--serve] [--limit N]`: a static page of a stage.
+`python -m analysis score DATASETS [--scorer NAME]`: CLIP similarity and aesthetic scores (docs/scoring.md)."""
 
 from __future__ import annotations
 
@@ -54,6 +56,38 @@ def _nouns(args: argparse.Namespace) -> int:
     return 0
 
 
+def _view(args: argparse.Namespace) -> int:
+    from analysis.viewer import serve, write_view
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    if not 16 <= args.thumb <= 512 or args.page_size < 1:
+        raise ConfigError("--thumb must be 16 to 512 pixels and --page-size at least 1")
+    config = config_from_args(args)
+    index_html, _ = write_view(config, args.dataset, args.stage, limit=args.limit, force=args.force,
+                               thumb=args.thumb, page_size=args.page_size)
+    print(index_html, flush=True)
+    if args.serve:
+        return serve(index_html.rsplit("/", 1)[0], port=args.port)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from analysis.scoring import score
+
+    config = config_from_args(args)
+    if not config.scorers:
+        raise ConfigError("scorers: none defined")
+    name = args.scorer or next(iter(config.scorers))
+    config.scorer(name)
+    datasets = _split(args.datasets) or []
+    for dataset in datasets:
+        config.dataset(dataset)
+    for dataset in datasets:
+        score(config, dataset, name, restart=args.restart)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +97,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     nouns.add_argument("--exclude-flagged", action="store_true",
                        help="leave out dense captions the captioning stage's quality checks marked")
     nouns.set_defaults(handler=_nouns)
-    return dispatch(parser, [nouns], argv)
+    view = commands.add_parser("view", help="a static HTML page of one stage of a dataset (docs/viewer.md)")
+    view.add_argument("dataset")
+    view.add_argument("--stage", default="shards", help="shards (default), captions/<captioner>, features/<name>, ...")
+    view.add_argument("--limit", type=int, default=None, help="only the first N samples, in shard order")
+    view.add_argument("--serve", action="store_true",
+                      help="then serve it on 127.0.0.1, with full-size images read from the tars by byte offset")
+    view.add_argument("--port", type=int, default=0, help="with --serve (default: a free port, printed)")
+    view.add_argument("--force", action="store_true", help="write it even if it is current")
+    view.add_argument("--thumb", type=int, default=128, help="thumbnail size in pixels (default 128)")
+    view.add_argument("--page-size", type=int, default=100, help="samples per lazily loaded data page (default 100)")
+    view.set_defaults(handler=_view)
+    scoring = commands.add_parser("score", help="CLIP similarity and aesthetic scores into scores/<scorer> (docs/scoring.md)")
+    scoring.add_argument("datasets", help="comma-separated")
+    scoring.add_argument("--scorer", default=None, help="default: the first scorer in the config")
+    scoring.add_argument("--restart", action="store_true", help="discard existing scores and start over")
+    scoring.set_defaults(handler=_score)
+    return dispatch(parser, [nouns, view, scoring], argv)
 
 
 if __name__ == "__main__":

@@ -691,6 +691,71 @@ def extras_section(extra_grids: list[tuple[str, str]], extra_markdown: list[str]
 
 # ---- the page ------------------------------------------------------------------------------
 
+VIEW_DEPTH = 3
+"""reports/view/<dataset>/[<stage>/<name>/]: how deep a view folder can lie."""
+
+
+def find_views(root: str) -> list[tuple[str, dict[str, Any]]]:
+    """(path under reports/view/, its view.json) of every written viewer page, in name order."""
+    base = storage.join(root, "reports", "view")
+    found: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(rel: str, depth: int) -> None:
+        folder = storage.join(base, rel) if rel else base
+        names = storage.list_names(folder)
+        if rel and "view.json" in names and "index.html" in names:
+            record = _read_json(storage.join(folder, "view.json"))
+            if record is not None:
+                found.append((rel, record))
+        if depth < VIEW_DEPTH:
+            for name in sorted(names):
+                if name not in ("data", "view.json", "index.html") and storage.TEMP_MARKER not in name \
+                        and "." not in name.split("-")[0]:
+                    walk(f"{rel}/{name}" if rel else name, depth + 1)
+
+    walk("", 0)
+    return found
+
+
+def views_section(root: str) -> list[str]:
+    md = ["## Browse the data", ""]
+    views = find_views(root)
+    if not views:
+        return md + ["Not run: no viewer page (`make view DATASET=x`, i.e. `python -m analysis view x`).", ""]
+    md += ["Static pages (no server needed; open them in a browser): thumbnails beside alt text, every "
+           "captioner's caption with its nouns marked, scores, quality flags and failures, with search and "
+           "filters (the repository's docs/viewer.md says how they are made).", "",
+           "| Dataset | Stage | Samples | Failed | Page |", "|---|---|---|---|---|"]
+    for rel, record in views:
+        dataset, _, stage = rel.partition("/")
+        rows = record.get("rows") or {}
+        md.append(f"| {dataset} | {stage or 'shards'} | {_number(rows.get('samples'))} | {_number(rows.get('gone'))} "
+                  f"| [{rel}/index.html](../view/{rel}/index.html) |")
+    return md + [""]
+
+
+def scores_section(config: PipelinesConfig) -> list[str]:
+    md = ["## Scores", ""]
+    rows = []
+    for dataset in config.datasets:
+        for scorer in config.scorers:
+            summary = _read_json(storage.join(config.storage.root, dataset, "scores", scorer, "_summary.json"))
+            if summary is not None:
+                rows.append((dataset, scorer, summary))
+    if not rows:
+        return md + ["Not run: no scores (`make score DATASET=x`, i.e. `python -m analysis score x`).", ""]
+    md += ["Per-sample CLIP image-caption similarity and an aesthetic score (`python -m analysis score`; "
+           "docs/scoring.md). The demo's scorer is trained here on the synthetic domain: its aesthetic score "
+           "is a synthetic rule (shapes that fill the frame and stand out from the background), not beauty.", "",
+           "| Dataset | Scorer | Samples | Failures | Aesthetic mean | CLIP similarity mean, by caption field |",
+           "|---|---|---|---|---|---|"]
+    for dataset, scorer, summary in rows:
+        similarity = ", ".join(f"{name} {value:.3f}" for name, value in (summary.get("clip_similarity_mean") or {}).items())
+        md.append(f"| {dataset} | {scorer} | {_number(summary.get('samples_out'))} | {_number(summary.get('failures'))} "
+                  f"| {_number(summary.get('aesthetic_mean'), 2)} | {similarity or '—'} |")
+    return md + [""]
+
+
 def _guarded(title: str, build: Callable[[], list[str]]) -> list[str]:
     """A section that fails on an unexpected file says so on the page; the rest still gets written."""
     try:
@@ -713,6 +778,8 @@ def build_page(config: PipelinesConfig, captioner: str | None, examples: list[tu
     md += _guarded("What ran and how long", lambda: timings_section(runs))
     md += _guarded("Concept density: nouns per caption", lambda: nouns_section(root, files))
     md += _guarded("Caption examples", lambda: examples_section(config, captioner, examples, files))
+    md += _guarded("Scores", lambda: scores_section(config))
+    md += _guarded("Browse the data", lambda: views_section(root))
     md += _guarded("Sample grids of the demo's training runs", lambda: grids_section(config, files))
     md += _guarded("A longer-trained checkpoint",
                    lambda: extras_section(extra_grids, extra_markdown, files, root, list(shipped)))

@@ -11,7 +11,6 @@ flagged ones can get one sampled retry, and their flags are kept in the sample's
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,12 +23,11 @@ from captioning.prompts import Prompt, user_prompt
 from shardkit import pipeline
 from shardkit.config import CaptionerConfig, PipelinesConfig
 from shardkit.runner import PoolSpec, ShardTask, map_shard_in_batches, run_stage, timed_ms
-from shardkit.shards import BASE_FIELDS, IMAGE, Failure, Sample, ShardRecord, StageOutput, StagePlan
+from shardkit.shards import BASE_FIELDS, IMAGE, Failure, Sample, ShardRecord, StageOutput, StagePlan, decode_image
 
 log = logging.getLogger(__name__)
 
 INPUT_STAGE = "shards"
-MAX_PIXELS = 64_000_000
 WORD_BUCKET, TOKEN_BUCKET = 10, 16
 RETRY_SEED_OFFSET = 1_000_000_007
 RUN_ONLY_KEYS = {"actors", "num_cpus", "num_gpus", "prefetch_batches", "hf", "vllm"}
@@ -39,13 +37,6 @@ stage plan, so scaling a job out (more actors, another engine setting) resumes i
 
 def stage_name(captioner: str) -> str:
     return f"captions/{captioner}"
-
-
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        if image.width * image.height > MAX_PIXELS:
-            raise ValueError(f"{image.width}x{image.height} exceeds the pixel bound")
-        return image.convert("RGB")
 
 
 @dataclass
@@ -110,7 +101,7 @@ class CaptionStage:
                 failures.append(Failure(sample.key, "no_image"))
                 continue
             try:
-                image = _decode(sample.fields[IMAGE])
+                image = decode_image(sample.fields[IMAGE])
             except Exception as exc:  # noqa: BLE001 - any decoder error is this sample's failure
                 failures.append(Failure(sample.key, "decode_error", str(exc)[:300]))
                 continue

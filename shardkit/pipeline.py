@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 PRODUCERS = {
     "shards": "curation.curate:make_stage",
     "captions": "captioning.stage:make_stage",
+    "scores": "analysis.scoring:make_stage",
     "features": "training.features:make_stage",
 }
 

@@ -17,13 +17,18 @@ import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from shardkit import storage
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE = "jpg"
 META = "json"
 CAPTION = "txt"
+MAX_PIXELS = 64_000_000
+"""No stage decodes an image larger than this (8k x 8k): a decompression bomb is a failure."""
 BASE_FIELDS = (IMAGE, META, CAPTION)
 REQUIRED_META = ("source", "origin", "width", "height", "original_width", "original_height", "sha256")
 
@@ -134,6 +139,17 @@ def write_shard(uri: str, samples: Iterable[Sample]) -> int:
     return writer.count
 
 
+def split_member(uri: str, member: tarfile.TarInfo) -> tuple[str, str]:
+    """(key, field) of a tar member; anything but a plain top-level `key.field` file is refused."""
+    name = member.name
+    if not member.isfile() or "/" in name or "\\" in name or name.startswith("."):
+        raise ShardFormatError(f"{uri}: refused member {name!r} (not a plain top-level file)")
+    key, _, field_name = name.partition(".")
+    if not field_name:
+        raise ShardFormatError(f"{uri}: member {name!r} has no field suffix")
+    return key, field_name
+
+
 def read_shard(uri: str) -> Iterator[Sample]:
     """Samples of a shard in order, read as a stream. Members that are not plain files or
     whose names could escape a folder are refused: shards may come from elsewhere."""
@@ -141,18 +157,13 @@ def read_shard(uri: str) -> Iterator[Sample]:
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         key, fields = None, {}
         for member in tar:
-            name = member.name
-            if not member.isfile() or "/" in name or "\\" in name or name.startswith("."):
-                raise ShardFormatError(f"{uri}: refused member {name!r} (not a plain top-level file)")
-            member_key, _, field_name = name.partition(".")
-            if not field_name:
-                raise ShardFormatError(f"{uri}: member {name!r} has no field suffix")
+            member_key, field_name = split_member(uri, member)
             if member_key != key:
                 if key is not None:
                     yield Sample(key, fields)
                 key, fields = member_key, {}
             if field_name in fields:
-                raise ShardFormatError(f"{uri}: {name} appears twice")
+                raise ShardFormatError(f"{uri}: {member.name} appears twice")
             fields[field_name] = tar.extractfile(member).read()
         if key is not None:
             yield Sample(key, fields)
@@ -331,3 +342,13 @@ def summarise(plan: StagePlan, records: Mapping[int, ShardRecord] | Iterable[Sha
         "shard_seconds": round(seconds, 3),
         "wall_seconds": round(wall_seconds, 3),
     }
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """A shard's image as RGB, its size checked from the header before any pixel is decoded."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError(f"{image.width}x{image.height} exceeds the pixel bound")
+        return image.convert("RGB")

@@ -12,11 +12,10 @@ from PIL import Image
 
 from shardkit import storage
 from shardkit.shards import (
-    IMAGE, META, RECORDS, REQUIRED_META, SUMMARY, ShardFormatError, StageOutput, read_shard,
+    IMAGE, MAX_PIXELS, META, RECORDS, REQUIRED_META, SUMMARY, ShardFormatError, StageOutput, read_shard,
 )
 
 log = logging.getLogger(__name__)
-MAX_PIXELS = 64_000_000
 
 
 @dataclass

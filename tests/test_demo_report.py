@@ -27,6 +27,7 @@ from shardkit.shards import Sample, ShardRecord, StageOutput, StagePlan, make_ke
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONER = "synthetic-captioner"
+SCORER = "synthetic-scorer"
 PROMPTS = ["A large red circle in the center, on a plain blue background.", "A small green star at the top."]
 
 
@@ -37,6 +38,7 @@ def _config_path(write_config):
          "sample-sam": {"source": "sam", "links": "${storage}/sources/sample-sam/sa1b_links.txt",
                         "allow_private_urls": True, "generate": {"count": 4, "seed": 0}}},
         captioners={CAPTIONER: {"model": "unused-here"}},
+        scorers={SCORER: {"clip": "unused-here", "input": f"captions/{CAPTIONER}"}},
         training={"text_encoders": {"t5": {"model": "unused-here"}}, "vaes": {"vae": {"model": "unused-here"}},
                   "features": {"sam-dense": {"dataset": "sample-sam", "caption": CAPTIONER, "text_encoder": "t5",
                                              "vae": "vae", "resolution": 32}},
@@ -264,6 +266,29 @@ def test_rewriting_drops_images_the_new_page_no_longer_links(demo_storage, capsy
     assert not any("sample-laion" in name for name in on_disk)
 
 
+def test_the_page_links_every_viewer_page_and_shows_the_scores(demo_storage, capsys):
+    from analysis.viewer import write_view
+
+    path, config, made = demo_storage
+    root = config.storage.root
+    laion_view, _ = write_view(config, "sample-laion", f"captions/{CAPTIONER}")
+    sam_view, _ = write_view(config, "sample-sam", f"captions/{CAPTIONER}")
+    scores = StageOutput.of(root, "sample-sam", f"scores/{SCORER}")  # the figures the scoring stage writes
+    scores.write_summary({"samples_out": 4, "failures": 0, "aesthetic_mean": 6.2808,
+                          "clip_similarity_mean": {CAPTIONER: 0.927, "txt": 0.3042}})
+    assert main(["write", "--config", str(path)]) == 0
+    page = Path(capsys.readouterr().out.strip())
+    text = page.read_text()
+    assert "Could not be built" not in text
+    assert f"| sample-sam | {SCORER} | 4 | 0 | 6.28 | {CAPTIONER} 0.927, txt 0.304 |" in text
+    assert "not beauty" in text
+    for dataset, index_html in (("sample-laion", laion_view), ("sample-sam", sam_view)):
+        link = f"../view/{dataset}/captions/{CAPTIONER}/index.html"
+        assert link in _links(text) and (page.parent / link).resolve() == Path(index_html).resolve()
+        assert f"| {dataset} | captions/{CAPTIONER} | {len(made['laion' if dataset == 'sample-laion' else 'sam'])} | 0 |" in text
+    _assert_links_resolve(page)
+
+
 def test_write_after_nothing_ran_says_so(write_config, capsys):
     path = _config_path(write_config)
     assert main(["write", "--config", str(path), "--examples", "sample-laion=2", "--examples", "other=1"]) == 0
@@ -272,7 +297,8 @@ def test_write_after_nothing_ran_says_so(write_config, capsys):
     assert "Could not be built" not in text
     for line in ("Not run: no timings recorded", "Not run: no noun report",
                  f"Not run: `sample-laion` has no `{CAPTIONER}` captions yet", "Not run: no dataset `other`",
-                 "Not run: no training runs", "Not run: no longer-trained checkpoint"):
+                 "Not run: no training runs", "Not run: no longer-trained checkpoint", "Not run: no scores",
+                 "Not run: no viewer page"):
         assert line in text
     assert _assert_links_resolve(page) == []
 

@@ -49,6 +49,8 @@ def caption_field(cfg: FeaturesConfig) -> str:
 
 
 def input_stage(cfg: FeaturesConfig) -> str:
+    if cfg.scores is not None:  # the scorer's stage carries its input's fields and the scores
+        return f"scores/{cfg.scores}"
     return "shards" if cfg.caption in (None, "txt") else f"captions/{cfg.caption}"
 
 
