@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.scene_check import Reading, judge, read_image, validate
-from curation.synthetic.scenes import Scene, SceneOptions, describe, render, sample_scene
+from synthetic.scenes import Scene, SceneOptions, describe, render, sample_scene
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ def evaluate(pipeline_folder: str, out_dir: str, prompts_per_category: int = 50,
     """Draw the suite with the pipeline in `pipeline_folder` at its own resolution, judge every
     image, and write images/, verdicts.jsonl, scores.json, report.md and contact_sheet.png
     under `out_dir`. Returns scores.json's content. `seeds` is a count or a list of seeds."""
-    from training.models import generate, load_pipeline, vae_scale_factor
+    from training.encoders import vae_scale_factor
+    from training.pipelines import generate, load_pipeline
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +279,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.stage or not out:
         config = config_from_args(args)
         if args.stage:
-            from training.trainer import run_layout
+            from training.layout import run_layout
 
             pipeline = run_layout(config, args.stage).export
         name = args.stage or Path(pipeline).name
@@ -314,7 +315,7 @@ def _check_checker(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from shardkit.cli import add_config_arguments, setup_logging
+    from shardkit.cli import dispatch
 
     parser = argparse.ArgumentParser(prog="python -m analysis.alignment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -324,7 +325,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("pipeline", nargs="?", help="exported pipeline folder (e.g. training/models/synthetic-pixart)")
     ev.add_argument("--stage", help="instead: a training stage's export (runs/<stage>/pipeline)")
     ev.add_argument("--out", help="output folder (default: <storage>/eval/<stage or folder name>)")
-    add_config_arguments(ev)
     ev.add_argument("--prompts", type=int, default=50, help="prompts per category (default 50)")
     ev.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
     ev.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
@@ -343,9 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     check.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     check.set_defaults(handler=_check_checker)
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    return args.handler(args)
+    return dispatch(parser, [ev], argv)  # check-checker reads no config
 
 
 if __name__ == "__main__":

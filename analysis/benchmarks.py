@@ -16,11 +16,11 @@ from analysis.job import Row, count_rows
 from analysis.nouns import count_texts, load_nlp
 from analysis.viewer import ViewWriter
 from curation.sample import make_sample
-from curation.synthetic import scenes
 from shardkit import cluster
 from shardkit.bench import BenchResult, Measure, PeakRSS
 from shardkit.config import parse_config
 from shardkit.shards import ShardRecord, StageOutput, StagePlan, make_key, summarise, write_shard
+from synthetic import scenes
 
 CAPTIONS = 4000
 PER_SHARD = 500

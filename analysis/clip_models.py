@@ -54,7 +54,7 @@ def build_tokenizer(max_length: int = ClipSpec.max_text_tokens):  # -> PreTraine
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from curation.synthetic import scenes
+    from synthetic import scenes
 
     vocab = {piece: i for i, piece in enumerate([PAD, UNK, BOS, EOS, *scenes.vocabulary()])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from shardkit import storage
-from shardkit.cli import add_config_arguments, config_from_args, run_main, setup_logging
+from shardkit.cli import config_from_args, dispatch, run_main
 from shardkit.config import PipelinesConfig
 from shardkit.shards import CAPTION, IMAGE, StageOutput
+from training.layout import RunLayout, runs_root
 
 log = logging.getLogger("analysis.demo_report")
 
@@ -325,7 +326,7 @@ def _cell(text: str) -> str:
 def load_ground_truth(config: PipelinesConfig, dataset: str) -> dict[str, str]:
     """file name in the source -> exact scene description, for sources the scene generator
     made (their `scenes.jsonl`); empty for real data, where no ground truth exists."""
-    from curation.generated import is_generated, source_folder
+    from synthetic.generated import is_generated, source_folder
 
     cfg = config.dataset(dataset)
     if not is_generated(cfg):
@@ -490,19 +491,20 @@ class RunFacts:
 
 
 def run_facts(config: PipelinesConfig, run_dir: str, name: str) -> RunFacts:
-    checkpoints = os.path.join(run_dir, "checkpoints")
+    layout = RunLayout.of(run_dir)
+    checkpoints = layout.checkpoints
     metas = []
     if os.path.isdir(checkpoints):
         steps = sorted(n for n in os.listdir(checkpoints) if re.fullmatch(r"step_\d+", n))
         metas = [m for m in (_read_json(os.path.join(checkpoints, n, "meta.json")) for n in steps[-1:]) if m]
     stage = (metas[0].get("stage") if metas else None) or (
         config.training.stages[name].model_dump(mode="json") if name in config.training.stages else {})
-    metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    worker = _read_json(os.path.join(run_dir, "worker0.json"))  # written when training ends
+    metrics = read_jsonl(layout.metrics)
+    worker = _read_json(layout.worker_note(0))  # written when training ends
     steps_done = (worker or {}).get("step") or (metas[0].get("step") if metas else None) or (
         metrics[-1].get("step") if metrics else None)
     losses = (metrics[0]["loss"], metrics[-1]["loss"]) if metrics and "loss" in metrics[0] else None
-    return RunFacts(stage, steps_done, losses, _read_json(os.path.join(run_dir, "start.json")),
+    return RunFacts(stage, steps_done, losses, _read_json(layout.start),
                     training_seconds(metrics, stage))
 
 
@@ -586,7 +588,7 @@ def _run_names(config: PipelinesConfig, runs_dir: str) -> list[str]:
 
 def grids_section(config: PipelinesConfig, files: dict[str, bytes]) -> list[str]:
     md = ["## Sample grids of the demo's training runs", ""]
-    runs_dir = os.path.join(config.storage.root, "runs")
+    runs_dir = runs_root(config.storage.root)
     names = _run_names(config, runs_dir)
     if not names:
         return md + ["Not run: no training runs under `runs/` (`make train-stage1`, ...).", ""]
@@ -600,7 +602,8 @@ def grids_section(config: PipelinesConfig, files: dict[str, bytes]) -> list[str]
 
 
 def run_grids(config: PipelinesConfig, run_dir: str, name: str, files: dict[str, bytes]) -> list[str]:
-    grids = latest_grids(os.path.join(run_dir, "samples"))
+    samples = RunLayout.of(run_dir).samples
+    grids = latest_grids(samples)
     facts = run_facts(config, run_dir, name)
     target = facts.stage.get("steps")
     step_text = f"{facts.steps_done} steps" if facts.steps_done is not None else "steps unknown"
@@ -620,7 +623,7 @@ def run_grids(config: PipelinesConfig, run_dir: str, name: str, files: dict[str,
         details.append(started_from(facts.start, config.storage.root))
     md += ["; ".join(details) + ".", ""]
     for grid in grid_names:
-        data, factor = enlarged(Path(run_dir, "samples", grid).read_bytes())
+        data, factor = enlarged(Path(samples, grid).read_bytes())
         rel = f"{IMAGES}/grids/{name}-{grid}"
         files[rel] = data
         shown = f" (shown at {factor}×, nearest neighbour)" if factor > 1 else ""
@@ -850,10 +853,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="subcommand", required=True)
     start = commands.add_parser("begin", help="mark the start of a demo run (timings after it belong to it)")
-    start.set_defaults(handler=_begin)
     timed = commands.add_parser("timed", help="run `-- CMD...`, record its time and exit status, return that status")
     timed.add_argument("name", help="the step's name on the page, e.g. curate")
-    timed.set_defaults(handler=_timed)
     write = commands.add_parser("write", help="write <storage>/reports/demo/README.md and print its path")
     write.add_argument("--captioner", help="whose captions to show (default: the config's first captioner)")
     write.add_argument("--examples", action="append", type=_example, default=[], metavar="DATASET=N",
@@ -864,16 +865,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="a Markdown file to include verbatim (repeatable)")
     write.add_argument("--shipped", action="append", default=[], metavar="FOLDER",
                        help="a shipped pipeline folder: its samples (python -m training samples) and card")
-    write.set_defaults(handler=_write)
-    for sub in (start, timed, write):
-        add_config_arguments(sub)
-    args = parser.parse_args(own)
-    if (args.subcommand == "timed") != (command is not None) or (command is not None and not command):
-        parser.error("`timed NAME -- CMD...` needs a command after `--`; the other subcommands take none")
-    args.command_line = command
-    setup_logging(args.verbose)
-    return args.handler(args)
 
+    def checked(handler: Callable[[argparse.Namespace], int], takes_command: bool) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            if takes_command != (command is not None) or (command is not None and not command):
+                parser.error("`timed NAME -- CMD...` needs a command after `--`; the other subcommands take none")
+            args.command_line = command
+            return handler(args)
+        return run
+
+    for sub, handler in ((start, _begin), (timed, _timed), (write, _write)):
+        sub.set_defaults(handler=checked(handler, sub is timed))
+    return dispatch(parser, [start, timed, write], own)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -121,7 +121,7 @@ def score_export(export: Path, out: Path, ev: CurveEvalConfig) -> tuple[dict[str
 
 def arm_curve(config: PipelinesConfig, stages: Sequence[str], ev: CurveEvalConfig) -> list[Point]:
     """Score every export of the arm's last stage; x is the arm's training images so far."""
-    from training.trainer import run_layout
+    from training.layout import run_layout
 
     offset = earlier_images(config, stages)
     last = stages[-1]
@@ -132,7 +132,7 @@ def arm_curve(config: PipelinesConfig, stages: Sequence[str], ev: CurveEvalConfi
         if not (export / "model_index.json").is_file():
             continue
         step = int(export.name.split("_")[1])
-        scores, records = score_export(export, Path(layout.root) / "curve" / export.name, ev)
+        scores, records = score_export(export, Path(layout.curve) / export.name, ev)
         points.append(Point(last, step, offset + step * per_step, scores["categories"], records))
         log.info("%s step %d: %s", last, step, "  ".join(
             f"{c} {v['score']:.2f}" for c, v in scores["categories"].items()))
@@ -311,7 +311,8 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out: Path)
 # --------------------------------------------------------------------------- driver
 
 def run_experiment(config: PipelinesConfig, name: str, out: Path, checker: dict[str, float]) -> dict[str, Any]:
-    from training.trainer import run_layout, train
+    from training.layout import run_layout
+    from training.trainer import train
 
     experiment = config.reproduce.experiments[name]
     ev = config.reproduce.eval

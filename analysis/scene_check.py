@@ -1,7 +1,7 @@
 """An exact checker for the synthetic domain: read a flat-colour scene back out of an image.
 
 ``read_image`` finds the background colour and the objects of an RGB image drawn from
-curation/synthetic/scenes.py's grammar (or a model's attempt at one) and says, for each
+synthetic/scenes.py's grammar (or a model's attempt at one) and says, for each
 object, its colour, kind, size and 3x3 position. ``judge`` compares a reading with the scene
 a prompt described, fact by fact. ``validate`` measures the checker on renders whose truth is
 known, crisp or JPEG-compressed, so that scores computed with it can be trusted.
@@ -37,7 +37,7 @@ from scipy import ndimage  # scipy comes with img2dataset (via albumentations)
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import ConvexHull, QhullError
 
-from curation.synthetic.scenes import (
+from synthetic.scenes import (
     COLOURS, KINDS, POSITIONS, SIZES, Scene, SceneObject, SceneOptions, position_of, reading_order,
     render, render_masks, sample_scene,
 )

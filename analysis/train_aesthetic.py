@@ -32,7 +32,6 @@ How, and why:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -46,12 +45,11 @@ import numpy as np
 import torch
 
 from analysis import clip_models
-from curation.synthetic import scenes
+from synthetic import scenes
 
 log = logging.getLogger(__name__)
 
 HELD_OUT_STREAM = 1_000_007  # training scenes: (seed, 0, chunk); held-out: (seed, HELD_OUT_STREAM, chunk)
-CARD = "README.md"
 WEIGHTS = "model.safetensors"
 FULL_COVERAGE = 0.4  # a frame 40% covered by shapes counts as filled (95th percentile: 0.37)
 FULL_CONTRAST = 0.5  # luminance difference counted as standing out fully (95th percentile: 0.59)
@@ -113,7 +111,7 @@ def clip_fingerprint(folder: str | Path) -> str:
 
 
 def train(out: str, clip: str, cfg: AestheticTrainConfig) -> dict:
-    from training.models import _write_folder
+    from training.script_training import write_model
 
     started = time.monotonic()
     model, processor = clip_models.load_clip(clip)
@@ -145,13 +143,11 @@ def train(out: str, clip: str, cfg: AestheticTrainConfig) -> dict:
               "clip_fingerprint": summary["clip_fingerprint"], "target": "synthetic rule (analysis/train_aesthetic.py)",
               "range": [1, 10]}
 
-    def write(tmp: Path) -> None:
+    def save(tmp: Path) -> None:
         head.save(tmp / WEIGHTS, dtype=torch.float16)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(summary))
 
-    _write_folder(Path(out), write)
+    write_model(out, save, summary, model_card(summary))
     return summary
 
 
@@ -196,19 +192,15 @@ Load: `AestheticHead.from_file(folder)` (`analysis/clip_models.py`); score
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from shardkit.cli import setup_logging
+    from training.script_training import script_main, script_parser
 
-    parser = argparse.ArgumentParser(prog="python -m analysis.train_aesthetic", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="output folder (model.safetensors + config.json + card)")
+    parser = script_parser("python -m analysis.train_aesthetic", __doc__,
+                           "output folder (model.safetensors + config.json + card)", AestheticTrainConfig)
     parser.add_argument("--clip", required=True, help="the CLIP folder whose image embeddings the head reads")
     parser.add_argument("--scenes", type=int, default=AestheticTrainConfig.scenes)
     parser.add_argument("--epochs", type=int, default=AestheticTrainConfig.epochs)
-    parser.add_argument("--seed", type=int, default=AestheticTrainConfig.seed)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    train(args.out, args.clip, AestheticTrainConfig(scenes=args.scenes, epochs=args.epochs, seed=args.seed))
-    return 0
+    return script_main(parser, argv, lambda args: train(
+        args.out, args.clip, AestheticTrainConfig(scenes=args.scenes, epochs=args.epochs, seed=args.seed)))
 
 
 if __name__ == "__main__":

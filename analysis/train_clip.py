@@ -25,12 +25,10 @@ Choices, and why:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -40,13 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from analysis import clip_models
-from curation.synthetic import scenes
+from synthetic import scenes
 
 log = logging.getLogger(__name__)
 
 HELD_OUT_STREAM = 1_000_003  # held-out scenes: seeds (seed, HELD_OUT_STREAM, i); training uses stream 0
 NEGATIVE_STREAM = 17  # the hard negatives' own seed stream, so they never shift the scenes
-CARD = "README.md"
 TRAIN_CHANGES = ("colour", "kind", "size", "background", "texture", "binding")
 EVAL_CHANGES = (*TRAIN_CHANGES, "position")  # position is measured, never trained against
 
@@ -186,10 +183,9 @@ def _rounded(x):  # noqa: ANN001, ANN202
 # --------------------------------------------------------------------------- training
 def train(out: str, cfg: ClipTrainConfig) -> dict:
     """Train (resuming from ``out``'s interrupted state), evaluate, save model + processor + card."""
-    from training.checkpoint import ScriptState, warmup_cosine
-    from training.models import _write_folder
+    from training.script_training import ScriptRun
 
-    torch.manual_seed(cfg.seed)
+    run = ScriptRun(out, cfg.seed, log)
     processor = clip_models.build_processor(cfg.spec())
     model = clip_models.build_model(cfg.spec(), processor.tokenizer, cfg.seed)
     # no weight decay on norms, biases, embeddings' scale: CLIP's recipe
@@ -197,50 +193,29 @@ def train(out: str, cfg: ClipTrainConfig) -> dict:
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    state = ScriptState(out)
-    step = state.resume(model, optimizer)
-    if step:
-        log.info("resumed at step %d", step)
+    run.resume(model, optimizer)
     parameters = sum(p.numel() for p in model.parameters())
     log.info("CLIP: %.2fM parameters, vocab %d; %d steps of %d", parameters / 1e6, len(processor.tokenizer),
              cfg.steps, cfg.batch_size)
-    model.train()
-    started, window, window_start = time.monotonic(), 0, time.monotonic()
-    while step < cfg.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(cfg.lr, step, cfg.steps, cfg.warmup_steps, floor=0.05)
-        loss = contrastive_loss(model, training_batch(processor, cfg, step))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window += cfg.batch_size
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rate = window / (time.monotonic() - window_start)
-            state.record({"step": step, "loss": round(loss.item(), 4), "logit_scale": round(model.logit_scale.exp().item(), 2),
-                          "images_per_s": round(rate, 1)})
-            log.info("step %d/%d: loss %.4f, %.0f images/s", step, cfg.steps, loss.item(), rate)
-            window, window_start = 0, time.monotonic()
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            state.save(model, optimizer, step)
-    seconds = time.monotonic() - started
+
+    def report(loss: torch.Tensor) -> tuple[dict, str]:
+        return ({"loss": round(loss.item(), 4), "logit_scale": round(model.logit_scale.exp().item(), 2)},
+                f"loss {loss.item():.4f}")
+
+    seconds = run.train(lambda step: contrastive_loss(model, training_batch(processor, cfg, step)), steps=cfg.steps,
+                        batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, floor=0.05,
+                        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, report=report)
     metrics = evaluate(model, processor, cfg.seed, cfg.eval_scenes, cfg.max_objects)
     log.info("held-out: %s", json.dumps(metrics))
-    curve = state.records()
     summary = {"parameters": parameters, "vocab_size": len(processor.tokenizer), "steps": cfg.steps,
                "batch_size": cfg.batch_size, "train_seconds_this_run": round(seconds, 1), "held_out": metrics,
-               "median_images_per_s": float(np.median([c["images_per_s"] for c in curve])) if curve else None,
-               "config": asdict(cfg), "torch": torch.__version__}
+               "median_images_per_s": run.median_rate(), "config": asdict(cfg), "torch": torch.__version__}
 
-    def write(tmp: Path) -> None:
+    def save(tmp: Path) -> None:
         model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # half the bytes; loads as float32
         processor.save_pretrained(tmp)
-        (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(summary))
 
-    _write_folder(Path(out), write)
-    state.done()
+    run.finish(save, summary, model_card(summary))
     return summary
 
 
@@ -285,25 +260,19 @@ swaps two objects' colours; `position` was never trained against.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from shardkit.cli import setup_logging
+    from training.script_training import script_main, script_parser
 
-    parser = argparse.ArgumentParser(prog="python -m analysis.train_clip", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="output folder (a CLIPModel + CLIPProcessor + card)")
-    parser.add_argument("--steps", type=int, default=ClipTrainConfig.steps)
+    parser = script_parser("python -m analysis.train_clip", __doc__, "output folder (a CLIPModel + CLIPProcessor + card)",
+                           ClipTrainConfig)
     parser.add_argument("--batch-size", type=int, default=ClipTrainConfig.batch_size)
-    parser.add_argument("--seed", type=int, default=ClipTrainConfig.seed)
     parser.add_argument("--lr", type=float, default=ClipTrainConfig.lr)
     parser.add_argument("--max-objects", type=int, default=ClipTrainConfig.max_objects)
     parser.add_argument("--hard-negatives", type=int, default=ClipTrainConfig.hard_negatives,
                         help="changed captions per image in the image->text half (0: plain CLIP)")
     parser.add_argument("--eval-scenes", type=int, default=ClipTrainConfig.eval_scenes)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    train(args.out, ClipTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
-                                    max_objects=args.max_objects, hard_negatives=args.hard_negatives,
-                                    eval_scenes=args.eval_scenes))
-    return 0
+    return script_main(parser, argv, lambda args: train(args.out, ClipTrainConfig(
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr, max_objects=args.max_objects,
+        hard_negatives=args.hard_negatives, eval_scenes=args.eval_scenes)))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def write_images(root: str, count: int, size: int, per_shard: int, seed: int, da
     """A complete `shards/` stage of synthetic scenes at size x size (3-6 objects, alt text
     their description), written in this process: no Ray, no HTTP."""
     from curation.sample import make_sample
-    from curation.synthetic.scenes import SceneOptions, describe, render, sample_scene
+    from synthetic.scenes import SceneOptions, describe, render, sample_scene
     from shardkit.shards import ShardRecord, StageOutput, StagePlan, make_key, summarise, write_shard
 
     output = StageOutput.of(root, dataset, "shards")

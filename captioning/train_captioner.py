@@ -28,11 +28,8 @@ Choices, and why:
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -42,14 +39,13 @@ import torch
 from PIL import Image
 
 from captioning.tiny_models import BOS, CHAT_TEMPLATE, EOS, IMAGE, PAD, UNK
-from curation.synthetic import scenes
 from shardkit.config import PAPER_PROMPT
+from synthetic import scenes
 
 log = logging.getLogger(__name__)
 
 SPACE = "\u2581"  # Metaspace's word-start marker
 HELD_OUT_STREAM = 1_000_003  # held-out scenes: seeds (seed, HELD_OUT_STREAM, i), never drawn in training
-CARD = "README.md"
 
 
 @dataclass
@@ -226,10 +222,9 @@ def evaluate(model, processor, cfg: CaptionerTrainConfig) -> tuple[dict[str, flo
 def train(out: str, cfg: CaptionerTrainConfig) -> dict:
     """Train (resuming from ``out``/.state.pt if a run was interrupted), evaluate on held-out
     scenes, and save the model, processor and card into ``out``."""
-    from training.checkpoint import ScriptState, warmup_cosine
-    from training.models import _write_folder
+    from training.script_training import ScriptRun
 
-    torch.manual_seed(cfg.seed)
+    run = ScriptRun(out, cfg.seed, log)
     if cfg.init:
         from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
@@ -240,48 +235,28 @@ def train(out: str, cfg: CaptionerTrainConfig) -> dict:
         processor = build_processor(cfg)
         model = build_model(cfg, processor.tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    state = ScriptState(out)
-    step = state.resume(model, optimizer)
-    if step:
-        log.info("resumed at step %d", step)
+    run.resume(model, optimizer)
     parameters = sum(p.numel() for p in model.parameters())
     log.info("captioner: %.2fM parameters, vocab %d, %d steps of %d", parameters / 1e6, len(processor.tokenizer),
              cfg.steps, cfg.batch_size)
-    model.train()
-    started, window, window_start = time.monotonic(), 0, time.monotonic()
-    while step < cfg.steps:
+
+    def step_loss(step: int) -> torch.Tensor:
         batch = training_batch(processor, cfg, draw_scenes(cfg.seed, 0, step, cfg.batch_size, cfg.max_objects))
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(cfg.lr, step, cfg.steps, cfg.warmup_steps, floor=0.1)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window += cfg.batch_size
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rate = window / (time.monotonic() - window_start)
-            state.record({"step": step, "loss": round(loss.item(), 5), "samples_per_s": round(rate, 1)})
-            log.info("step %d/%d: loss %.4f, %.0f samples/s", step, cfg.steps, loss.item(), rate)
-            window, window_start = 0, time.monotonic()
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            state.save(model, optimizer, step)
-    seconds = time.monotonic() - started
+        return model(**batch).loss
+
+    seconds = run.train(step_loss, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                        floor=0.1, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, unit="samples")
     metrics, examples = evaluate(model, processor, cfg)
     log.info("held-out accuracy: %s", metrics)
     summary = {"parameters": parameters, "steps": cfg.steps, "batch_size": cfg.batch_size,
                "train_seconds_this_run": round(seconds, 1), "held_out": metrics, "examples": examples,
                "config": asdict(cfg), "torch": torch.__version__}
 
-    def write(tmp: Path) -> None:
+    def save(tmp: Path) -> None:
         model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # half the bytes; loads as float32
         processor.save_pretrained(tmp)
-        (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(summary, state.records()))
 
-    _write_folder(Path(out), write)
-    state.done()
+    run.finish(save, summary, model_card(summary, run.records()))
     return summary
 
 
@@ -327,24 +302,18 @@ over scenes whose object count is right, objects in order.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from shardkit.cli import setup_logging
+    from training.script_training import script_main, script_parser
 
-    parser = argparse.ArgumentParser(prog="python -m captioning.train_captioner", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="output folder (a transformers model + processor + card)")
-    parser.add_argument("--steps", type=int, default=CaptionerTrainConfig.steps)
+    parser = script_parser("python -m captioning.train_captioner", __doc__,
+                           "output folder (a transformers model + processor + card)", CaptionerTrainConfig)
     parser.add_argument("--batch-size", type=int, default=CaptionerTrainConfig.batch_size)
-    parser.add_argument("--seed", type=int, default=CaptionerTrainConfig.seed)
     parser.add_argument("--eval-scenes", type=int, default=CaptionerTrainConfig.eval_scenes)
     parser.add_argument("--max-objects", type=int, default=CaptionerTrainConfig.max_objects)
     parser.add_argument("--init", help="continue from this trained captioner (a curriculum phase)")
     parser.add_argument("--lr", type=float, default=CaptionerTrainConfig.lr)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    cfg = CaptionerTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_scenes=args.eval_scenes,
-                               max_objects=args.max_objects, init=args.init, lr=args.lr)
-    train(args.out, cfg)
-    return 0
+    return script_main(parser, argv, lambda args: train(args.out, CaptionerTrainConfig(
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_scenes=args.eval_scenes,
+        max_objects=args.max_objects, init=args.init, lr=args.lr)))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from typing import Sequence
 
 import pyarrow.parquet as pq
 
-from curation import generated
 from curation.curate import curate
 from shardkit.cli import config_from_args, dispatch, run_main
 from shardkit.config import LaionSource
+from synthetic import generated
 
 log = logging.getLogger("curation")
 

@@ -29,13 +29,13 @@ from PIL import Image
 from curation.curate import curate
 from curation.fetch import STAGE as FETCHED, FetchStage
 from curation.images import REDUCING_GAP, RESAMPLE, ImagePolicy, phash, pixel_sha256
-from curation.loopback import LoopbackServer
 from curation.sources.sam import _stats as sam_stats
-from curation.synthetic import samples
 from shardkit import cluster
 from shardkit.bench import BenchResult, Measure, PeakRSS
 from shardkit.config import PipelinesConfig, parse_config
 from shardkit.shards import StageOutput
+from synthetic import samples
+from synthetic.loopback import LoopbackServer
 
 log = logging.getLogger(__name__)
 

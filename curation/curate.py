@@ -7,7 +7,6 @@ import contextlib
 import logging
 from typing import Any, Callable
 
-from curation import generated
 from curation.dedup import DedupStage, find_drops
 from curation.fetch import STAGE as FETCHED, FetchStage
 from curation.sources.folder import FolderStage
@@ -18,6 +17,7 @@ from shardkit import cluster, storage
 from shardkit.config import FolderSource, LaionSource, PipelinesConfig, SamSource, SyntheticSource
 from shardkit.runner import run_stage
 from shardkit.shards import StageOutput
+from synthetic import generated
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from shardkit import storage
-from shardkit.cli import add_config_arguments, config_from_args, run_main, setup_logging
+from shardkit.cli import config_from_args, dispatch, run_main
 from shardkit.shards import StageOutput
 from shardkit.validate import validate_stage
 
@@ -82,18 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--path", help="a stage folder or URI instead of dataset/stage")
     check.add_argument("--no-decode", action="store_true", help="skip decoding images")
     check.add_argument("--max-problems", type=int, default=50)
-    check.set_defaults(handler=_validate)
+
+    def validate(args: argparse.Namespace) -> int:
+        if not (args.path or args.dataset):
+            parser.error("validate needs a dataset name or --path")
+        return _validate(args)
+
+    check.set_defaults(handler=validate)
     show = commands.add_parser("config", help="validate the config and print it resolved")
     show.set_defaults(handler=_config)
     status = commands.add_parser("status", help="which stages of which datasets are complete")
     status.set_defaults(handler=_status)
-    for sub in (check, show, status):
-        add_config_arguments(sub)
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    if args.command == "validate" and not (args.path or args.dataset):
-        parser.error("validate needs a dataset name or --path")
-    return args.handler(args)
+    return dispatch(parser, [check, show, status], argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 # Workers inherit these: albumentations (pulled in by img2dataset) checks the network for
 # updates at import, which hangs or warns on machines without internet.
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-PROJECT_PACKAGES = ("shardkit", "curation", "captioning", "analysis", "training")
+PROJECT_PACKAGES = ("shardkit", "synthetic", "curation", "captioning", "analysis", "training")
 
 
 def _project_modules() -> list:

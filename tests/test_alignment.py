@@ -12,7 +12,7 @@ from analysis.alignment import (
     CATEGORIES, SUITE_SIZES, chance_levels, evaluate, main, passes, prompt_suite, sample_case, wilson,
 )
 from analysis.scene_check import judge, read_image
-from curation.synthetic.scenes import corpus, parse_description, render
+from synthetic.scenes import corpus, parse_description, render
 
 
 def test_suite_is_deterministic_and_structured():
@@ -73,7 +73,9 @@ def test_chance_levels():
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> str:
-    from training.models import build_text_encoder, build_transformer, build_vae, export_pipeline
+    from training.architectures import build_transformer
+    from training.encoders import build_text_encoder, build_vae
+    from training.pipelines import export_pipeline
 
     root = tmp_path_factory.mktemp("alignment")
     text = build_text_encoder(str(root / "t5"), corpus=corpus(60), vocab_size=300)

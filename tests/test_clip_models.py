@@ -16,7 +16,7 @@ from analysis import clip_models
 from analysis.clip_models import AestheticHead
 from analysis.train_aesthetic import aesthetic_parts, aesthetic_score, clip_fingerprint, embedded_scenes, measure
 from analysis.train_clip import EVAL_CHANGES, changed, draw_scenes, evaluate
-from curation.synthetic import scenes
+from synthetic import scenes
 
 MODELS = Path(__file__).resolve().parents[1] / "analysis" / "models"
 SHIPPED_CLIP, SHIPPED_HEAD = MODELS / "synthetic-clip", MODELS / "synthetic-aesthetic"

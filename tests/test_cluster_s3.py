@@ -30,8 +30,8 @@ from shardkit.validate import validate_stage
 from tests.conftest import REPO
 from tests.processes import kill_driver_when
 from training import checkpoint
-from training.models import build_text_encoder, build_vae
-from training.trainer import run_layout
+from training.encoders import build_text_encoder, build_vae
+from training.layout import run_layout
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 COUNT, PER_SHARD = 40, 5

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.curate import curate, shards_output
-from curation.loopback import LoopbackServer
 from shardkit.config import load_config
 from shardkit.shards import StageOutput, read_shard
 from shardkit.validate import validate_stage
+from synthetic.loopback import LoopbackServer
 
 
 def _jpeg(colour, size=(64, 48), quality=90, mode="RGB") -> bytes:

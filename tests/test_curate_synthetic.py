@@ -5,11 +5,11 @@ import os
 import pytest
 
 from curation.curate import curate, shards_output
-from curation.synthetic.scenes import Scene, describe
 from shardkit.config import load_config
 from shardkit.runner import ShardTask, StageError, run_stage
 from shardkit.shards import StageOutput, read_shard
 from shardkit.validate import validate_stage
+from synthetic.scenes import Scene, describe
 
 DATASET = {"syn": {"source": "synthetic", "count": 23, "seed": 3, "samples_per_shard": 10, "caption": "alt_text"}}
 
@@ -108,7 +108,7 @@ def test_a_task_orphaned_by_an_older_run_cannot_overwrite_the_newer_runs_output(
 
 def test_a_curated_synthetic_stage_travels_as_its_scenes_and_renders_back_byte_identical(ray_session, write_config,
                                                                                           tmp_path):
-    from curation.synthetic import portable
+    from synthetic import portable
 
     config = load_config(write_config(DATASET))
     curate(config, "syn")

@@ -19,11 +19,11 @@ from analysis.demo_report import TIMINGS, demo_folder, main, read_jsonl
 from analysis.job import Row
 from analysis.nouns import count_texts, load_nlp
 from analysis.report import write_report
-from curation.generated import ensure_generated, source_folder
 from curation.sample import make_sample
 from curation.sources.sam import read_links
 from shardkit.config import load_config
 from shardkit.shards import Sample, ShardRecord, StageOutput, StagePlan, make_key, summarise, write_shard
+from synthetic.generated import ensure_generated, source_folder
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONER = "synthetic-captioner"

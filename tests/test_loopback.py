@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from curation.loopback import LoopbackServer
+from synthetic.loopback import LoopbackServer
 
 
 def fetch(url: str) -> bytes:

@@ -205,7 +205,7 @@ def _old_gather_counts(count, jobs, rows):
 
 def test_merging_on_workers_gives_the_driver_merge_exactly(ray_session, monkeypatch):
     from analysis import job
-    from shardkit.growth import synthetic_counts
+    from analysis.growth import synthetic_counts
 
     monkeypatch.setattr(job, "SHARDS_PER_TASK_MAX", 3)  # several shards a task, several levels of merges
     monkeypatch.setattr(job, "TASKS_PER_SLOT", 1)

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from curation.sa1b import (
+from synthetic.sa1b import (
     annotation_for,
     counts_to_string,
     image_record,

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.loopback import LoopbackServer
-from curation.sa1b import rle_decode
-from curation.synthetic.samples import DEFAULT_BASE_URL, rewrite_base_url, write_sample_laion, write_sample_sam
-from curation.synthetic.scenes import Scene, describe, render_masks
+from synthetic.loopback import LoopbackServer
+from synthetic.sa1b import rle_decode
+from synthetic.samples import DEFAULT_BASE_URL, rewrite_base_url, write_sample_laion, write_sample_sam
+from synthetic.scenes import Scene, describe, render_masks
 
 LAION_COLUMNS = [
     ("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int64()), ("HEIGHT", pa.int64()),

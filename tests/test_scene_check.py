@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from analysis.scene_check import CATEGORIES, judge, jpeg, min_area, read_image, validate
-from curation.synthetic.scenes import COLOURS, Scene, SceneObject, SceneOptions, describe, position_of, render
+from synthetic.scenes import COLOURS, Scene, SceneObject, SceneOptions, describe, position_of, render
 
 
 def obj(kind: str, colour: str, size: str, centre: tuple[int, int], extent: int) -> SceneObject:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.synthetic.scenes import (
+from synthetic.scenes import (
     COLOURS,
     KINDS,
     POSITIONS,

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import torch
 
-from curation.synthetic import scenes
+from synthetic import scenes
 from tests.conftest import REPO
 from training.train_vae import images
 
@@ -59,7 +59,7 @@ def test_shipped_pixart_draws_asked_backgrounds_object_colours_and_shapes_above_
     chance. Its card holds the full evaluation (two-object binding does not follow yet)."""
     from analysis.alignment import passes, sample_case
     from analysis.scene_check import judge, read_image
-    from training.models import generate, load_pipeline
+    from training.pipelines import generate, load_pipeline
 
     folder = MODELS / "synthetic-pixart"
     pipe = load_pipeline(str(folder), device="cpu")

@@ -16,9 +16,11 @@ from shardkit import storage
 from shardkit.config import load_config
 from shardkit.shards import StageOutput
 from training import checkpoint
+from training.encoders import build_text_encoder, build_vae
 from training.features import extract
-from training.models import build_text_encoder, build_vae, generate
-from training.trainer import run_layout, train
+from training.pipelines import generate
+from training.layout import run_layout
+from training.trainer import train
 
 
 def test_folders_go_up_last_file_last_and_come_back_as_local_copies(s3_bucket, tmp_path):

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from captioning.train_captioner import CaptionerTrainConfig, build_tokenizer, score, train
-from curation.synthetic import scenes
+from synthetic import scenes
 
 TINY = dict(steps=3, batch_size=4, eval_scenes=4, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
             log_every=1, checkpoint_every=2)

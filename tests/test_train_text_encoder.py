@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from curation.synthetic import scenes
+from synthetic import scenes
 from training.train_text_encoder import TextEncoderTrainConfig, restatement, train
 
 TINY = dict(steps=3, batch_size=8, eval_lines=8, log_every=1, encoder_layers=1, decoder_layers=1)

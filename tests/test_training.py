@@ -21,7 +21,7 @@ from shardkit.validate import validate_stage
 from tests.conftest import REPO
 from training.diffusion import Diffusion
 from training.features import NULL_CAPTION, choose_caption, extract, from_stored, npy_array
-from training.models import generate
+from training.pipelines import generate
 from training.trainer import TrainingError, train
 
 
@@ -231,7 +231,7 @@ def test_bad_training_input_is_a_clear_error(ray_session, write_config, tmp_path
     with pytest.raises(TrainingError, match="no stage 'x'"):
         train(config, "x")
     # a model made for another text encoder's width
-    from training.models import build_transformer
+    from training.architectures import build_transformer
 
     other = build_transformer("PixArt-tiny/2", resolution=32, caption_channels=32, vae_scale_factor=2)
     other.save_pretrained(tmp_path / "other")

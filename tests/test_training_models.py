@@ -1,6 +1,7 @@
-"""training.models with real diffusers / transformers: the transformer registry (PixArt-XL/2
-counted on the meta device), tiny T5 encoder + sentencepiece tokenizer and VAE built offline
-and reloaded through from_pretrained, and an exported PixArtAlphaPipeline that samples."""
+"""training.architectures, .encoders and .pipelines with real diffusers / transformers: the
+transformer registry (PixArt-XL/2 counted on the meta device), tiny T5 encoder + sentencepiece
+tokenizer and VAE built offline and reloaded through from_pretrained, and an exported
+PixArtAlphaPipeline that samples."""
 
 from __future__ import annotations
 
@@ -14,19 +15,9 @@ from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DMod
 from PIL import Image
 from transformers import AutoTokenizer, T5EncoderModel
 
-from training.models import (
-    MARKER,
-    MAX_SEQUENCE_LENGTH,
-    TRANSFORMERS,
-    build_text_encoder,
-    build_transformer,
-    build_vae,
-    export_pipeline,
-    generate,
-    num_parameters,
-    transformer_config,
-    vae_scale_factor,
-)
+from training.architectures import TRANSFORMERS, build_transformer, num_parameters, transformer_config
+from training.encoders import MARKER, build_text_encoder, build_vae, vae_scale_factor
+from training.pipelines import MAX_SEQUENCE_LENGTH, export_pipeline, generate
 
 CORPUS = [
     "A red circle in the top left corner of a white background.",

@@ -15,9 +15,10 @@ from PIL import Image
 from shardkit.config import ConfigError, load_config
 from shardkit.shards import StageOutput
 from training import buckets
+from training.architectures import build_transformer
 from training.data import FeatureReader, latent_size
 from training.features import LABEL_FIELD, TEXT_FIELD, VAE_FIELD, extract, npy_array
-from training.models import build_transformer, generate
+from training.pipelines import generate
 from training.start import StartError, fit
 from training.trainer import TrainingError, train
 

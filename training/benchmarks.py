@@ -17,7 +17,8 @@ from shardkit.config import parse_config
 from training.data import FeatureReader
 from training.diffusion import Diffusion
 from training.features import center_crop, extract, load_text_encoder, load_vae
-from training.models import build_transformer
+from training.layout import run_layout
+from training.architectures import build_transformer
 from training.trainer import train
 
 IMAGES = 256
@@ -98,7 +99,7 @@ def trainer_throughput(config, workdir: str) -> BenchResult:  # noqa: ANN001
     for attempt in range(2):  # alternate; keep the best of each
         with PeakRSS() as memory:
             train(bench_config, "s", restart=True)
-        metrics = [json.loads(line) for line in open(os.path.join(bench_config.storage.root, "runs", "s", "metrics.jsonl"))]
+        metrics = [json.loads(line) for line in open(run_layout(bench_config, "s").metrics)]
         steady = [m["images_per_s"] for m in metrics[1:]]  # the first window holds start-up
         ours = Measure(seconds=STEPS * BATCH / float(np.median(steady)), items=STEPS * BATCH, peak_mb=memory.peak_mb)
         with PeakRSS(ray=False) as memory:

@@ -6,13 +6,17 @@ which diffusers pipeline is exported.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from shardkit.config import StageConfig
+
+if TYPE_CHECKING:
+    from training.trainer import TrainContext
 
 
 def _save_grid(images: list[Image.Image], path: str) -> None:
@@ -31,21 +35,28 @@ def grid_paths(path: str, sizes: list[tuple[int, int]]) -> list[str]:
     return [path if i == 0 else f"{stem}_{h}x{w}.png" for i, (h, w) in enumerate(sizes)]
 
 
-def _vae(ctx: dict[str, Any]):  # -> AutoencoderKL, loaded once per trainer
-    from diffusers import AutoencoderKL
+class Conditioning:
+    """What both conditionings share: the worker's context, and the VAE that decodes their
+    sample grids."""
 
-    if "_vae" not in ctx:
-        ctx["_vae"] = AutoencoderKL.from_pretrained(ctx["vae_dir"])
-    return ctx["_vae"]
+    def __init__(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+
+    @functools.cached_property
+    def vae(self):  # -> AutoencoderKL
+        """Loaded at the first grid, kept for the run's others."""
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(self.ctx.vae_dir)
 
 
-class TextConditioning:
+class TextConditioning(Conditioning):
     """PixArtTransformer2DModel on padded T5 embeddings; the empty caption's embedding is
     both the dropped caption in training and the unconditional input at sampling time."""
 
-    def __init__(self, ctx: dict[str, Any], micro_conditions: bool) -> None:
-        self.ctx = ctx
-        self.null_text = torch.tensor(ctx["null_embed"], dtype=torch.float32)
+    def __init__(self, ctx: TrainContext, micro_conditions: bool) -> None:
+        super().__init__(ctx)
+        self.null_text = torch.tensor(ctx.null_embed, dtype=torch.float32)
         self.micro_conditions = micro_conditions
 
     def drop(self, batch: dict[str, torch.Tensor], probability: float) -> dict[str, torch.Tensor]:
@@ -77,16 +88,16 @@ class TextConditioning:
         prompt embeddings, so no text encoder has to stay loaded on the trainer."""
         from diffusers import PixArtAlphaPipeline
 
-        from training.models import default_scheduler
+        from training.pipelines import default_scheduler
 
-        pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_vae(self.ctx), transformer=ema.float().to("cpu"),
+        pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=self.vae, transformer=ema.float().to("cpu"),
                                    scheduler=default_scheduler())
         pipe.set_progress_bar_config(disable=True)
-        prompts = torch.tensor(self.ctx["prompt_embeds"], dtype=torch.float32)
-        masks = torch.tensor(self.ctx["prompt_masks"], dtype=torch.long)
+        prompts = torch.tensor(self.ctx.prompt_embeds, dtype=torch.float32)
+        masks = torch.tensor(self.ctx.prompt_masks, dtype=torch.long)
         null, null_mask = torch.zeros_like(prompts), torch.zeros_like(masks)
         null[:, : len(self.null_text)], null_mask[:, : len(self.null_text)] = self.null_text, 1
-        sizes = self.ctx["sample_sizes"]
+        sizes = self.ctx.sample_sizes
         for (height, width), target in zip(sizes, grid_paths(path, sizes)):
             with torch.inference_mode():
                 images = pipe(prompt=None, negative_prompt=None, prompt_embeds=prompts, prompt_attention_mask=masks,
@@ -97,20 +108,20 @@ class TextConditioning:
             _save_grid(images, target)
 
     def export(self, ema, folder: str) -> None:  # noqa: ANN001
-        from training.models import export_pipeline
+        from training.pipelines import export_pipeline
 
-        export_pipeline(folder, transformer=ema.to("cpu").float(), text_encoder_dir=self.ctx["text_encoder_dir"],
-                        vae_dir=self.ctx["vae_dir"])
+        export_pipeline(folder, transformer=ema.to("cpu").float(), text_encoder_dir=self.ctx.text_encoder_dir,
+                        vae_dir=self.ctx.vae_dir)
 
 
-class ClassConditioning:
+class ClassConditioning(Conditioning):
     """DiTTransformer2DModel on class ids; a dropped label becomes the null class (1000,
     what DiTPipeline feeds as the unconditional input)."""
 
-    def __init__(self, ctx: dict[str, Any], micro_conditions: bool) -> None:
-        from training.models import DIT_NUM_CLASSES
+    def __init__(self, ctx: TrainContext, micro_conditions: bool) -> None:
+        from training.architectures import DIT_NUM_CLASSES
 
-        self.ctx = ctx
+        super().__init__(ctx)
         self.null_class = DIT_NUM_CLASSES
 
     def drop(self, batch: dict[str, torch.Tensor], probability: float) -> dict[str, torch.Tensor]:
@@ -125,11 +136,11 @@ class ClassConditioning:
     def sample_grids(self, ema, cfg: StageConfig, path: str) -> None:  # noqa: ANN001
         from diffusers import DiTPipeline
 
-        from training.models import default_scheduler
+        from training.pipelines import default_scheduler
 
-        pipe = DiTPipeline(transformer=ema.float().to("cpu"), vae=_vae(self.ctx), scheduler=default_scheduler())
+        pipe = DiTPipeline(transformer=ema.float().to("cpu"), vae=self.vae, scheduler=default_scheduler())
         pipe.set_progress_bar_config(disable=True)
-        classes = self.ctx["classes"]
+        classes = self.ctx.classes
         with torch.inference_mode():
             images = pipe(class_labels=[classes.index(name) for name in cfg.validation_prompts],
                           guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.sample_steps,
@@ -137,10 +148,10 @@ class ClassConditioning:
         _save_grid(images, path)
 
     def export(self, ema, folder: str) -> None:  # noqa: ANN001
-        from training.models import export_dit_pipeline
+        from training.pipelines import export_dit_pipeline
 
-        export_dit_pipeline(folder, transformer=ema.to("cpu").float(), vae_dir=self.ctx["vae_dir"],
-                            classes=self.ctx["classes"])
+        export_dit_pipeline(folder, transformer=ema.to("cpu").float(), vae_dir=self.ctx.vae_dir,
+                            classes=self.ctx.classes)
 
 
 CONDITIONINGS = {"text": TextConditioning, "class": ClassConditioning}

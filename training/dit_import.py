@@ -14,7 +14,7 @@ reparameterisation makes the loaded model reproduce DiT exactly at one timestep:
   timestep embedding ``c``; PixArt adds its final ``scale_shift_table`` to the bare timestep
   embedding, so that table gets DiT's (shift, scale) at (``t``, null) minus that embedding;
 * cross-attention (attn2) and the caption projection are new: PixArt's initialisation
-  (``models.pixart_init_``, seeded), with attn2's output projection zero, so cross-attention
+  (``architectures.pixart_init_``, seeded), with attn2's output projection zero, so cross-attention
   adds nothing and any caption gives DiT's null-class output at ``t``.
 
 Away from ``t`` the two models differ: DiT's per-block modulation is a separate nonlinear
@@ -251,7 +251,7 @@ def _pixart_config(dit: DiTTransformer2DModel, caption_channels: int, norm_eps: 
         "sample_size": cfg.sample_size,
         "patch_size": cfg.patch_size,
         "activation_fn": cfg.activation_fn,
-        "num_embeds_ada_norm": 1000,  # unused by ada_norm_single; as models.transformer_config
+        "num_embeds_ada_norm": 1000,  # unused by ada_norm_single; as architectures.transformer_config
         "upcast_attention": cfg.upcast_attention,
         "norm_type": "ada_norm_single",
         "norm_elementwise_affine": cfg.norm_elementwise_affine,
@@ -292,7 +292,7 @@ def _build_pixart(source: _Source, caption_channels: int, norm_eps: float, t: in
     import torch.nn.functional as F
     from diffusers import PixArtTransformer2DModel
 
-    from training.models import pixart_init_
+    from training.architectures import pixart_init_
 
     dit = source.model
     with torch.random.fork_rng(devices=[]):
@@ -423,7 +423,7 @@ def import_dit(src: str | os.PathLike, dst: str | os.PathLike, *, caption_channe
                null_class: int | None = None, t: int = PAPER_T, num_heads: int | None = None,
                norm_eps: float | None = None, seed: int = 0, check: bool = True) -> ImportReport:
     """``convert_dit``, saved in ``dst`` (atomically, with ``import_report.json``)."""
-    from training.models import _write_folder
+    from shardkit.folders import write_folder
 
     target = Path(dst)
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / REPORT).is_file())):
@@ -435,7 +435,7 @@ def import_dit(src: str | os.PathLike, dst: str | os.PathLike, *, caption_channe
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / REPORT).write_text(json.dumps(report.to_json(), indent=2) + "\n")
 
-    _write_folder(target, write)
+    write_folder(target, write)
     log.info("saved to %s", target)
     return report
 

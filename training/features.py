@@ -337,18 +337,18 @@ class FeatureStage:
 
 
 def _ensure_tiny_models(config: PipelinesConfig, cfg: FeaturesConfig) -> None:
-    from curation.synthetic import scenes
-    from training import models
+    from synthetic import scenes
+    from training import encoders
 
     text_cfg = config.training.text_encoders[cfg.text_encoder] if cfg.text_encoder else None
     vae_cfg = config.training.vaes[cfg.vae]
     if text_cfg is not None and text_cfg.tiny is not None:
         # The tokenizer is trained on a fixed corpus (the synthetic grammar), never on this
         # feature set's captions: every feature set sharing the encoder must get the same one.
-        models.build_text_encoder(text_cfg.model, corpus=scenes.corpus(2000, seed=text_cfg.tiny.seed),
-                                  seed=text_cfg.tiny.seed)
+        encoders.build_text_encoder(text_cfg.model, corpus=scenes.corpus(2000, seed=text_cfg.tiny.seed),
+                                    seed=text_cfg.tiny.seed)
     if vae_cfg.tiny is not None:
-        models.build_vae(vae_cfg.model, seed=vae_cfg.tiny.seed)
+        encoders.build_vae(vae_cfg.model, seed=vae_cfg.tiny.seed)
 
 
 def complete_summary(config: PipelinesConfig, name: str) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ SAMPLE_SEED = 0
 def run_summary(config: PipelinesConfig, stage: str, step: int | None = None) -> dict[str, Any]:
     """What runs/<stage> did (up to `step`, if given): steps, images seen, loss first/last,
     images/s and hours."""
-    from training.trainer import run_layout
+    from training.layout import run_layout
 
     layout = run_layout(config, stage)
     lines = storage.read_text(layout.metrics).splitlines() if storage.exists(layout.metrics) else []
@@ -76,8 +76,8 @@ def ship(config: PipelinesConfig, stage: str, out: str, scores: str | None = Non
     import torch
     from diffusers import PixArtAlphaPipeline
 
-    from training.models import _write_folder
-    from training.trainer import run_layout
+    from shardkit.folders import write_folder
+    from training.layout import run_layout
 
     layout = run_layout(config, stage)
     export = layout.export if step is None else layout.snapshot(step)
@@ -98,7 +98,7 @@ def ship(config: PipelinesConfig, stage: str, out: str, scores: str | None = Non
             (tmp / "alignment.json").write_text(json.dumps(evaluation, indent=2) + "\n")
         (tmp / CARD).write_text(model_card(Path(out).name, summary, evaluation))
 
-    _write_folder(Path(out), write)
+    write_folder(Path(out), write)
     log.info("shipped %s as %s", stage, out)
     return out
 
@@ -160,7 +160,8 @@ def samples(folder: str, prompts: list[str], out: str, *, steps: int = 20, guida
         return str(grid)
     # torch and diffusers only now: a grid found up to date needs neither
     from training.conditioning import _save_grid
-    from training.models import generate, load_pipeline, vae_scale_factor
+    from training.encoders import vae_scale_factor
+    from training.pipelines import generate, load_pipeline
 
     pipe = load_pipeline(folder, device="cpu")
     pipe.transformer.float()

@@ -21,12 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shardkit.config import StageConfig
 from training import checkpoint
+
+if TYPE_CHECKING:
+    from training.trainer import TrainContext
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +67,9 @@ def model_class(init: str) -> str:
     return model_config(init)["_class_name"]
 
 
-def check(cfg: StageConfig, init: str | None, ctx: dict[str, Any]) -> None:
+def check(cfg: StageConfig, init: str | None, ctx: TrainContext) -> None:
     """Refuse, before any worker starts, a starting model that cannot read these features."""
-    sample_size = ctx["resolution"] // ctx["vae_scale_factor"]
+    sample_size = ctx.resolution // ctx.vae_scale_factor
     if cfg.use_additional_conditions and sample_size != CONDITIONS_SAMPLE_SIZE:
         raise StartError(f"use_additional_conditions needs sample size {CONDITIONS_SAMPLE_SIZE} (1024 px with SD's VAE); "
                          f"this stage has {sample_size}: PixArtAlphaPipeline passes the conditions at no other size")
@@ -77,22 +80,21 @@ def check(cfg: StageConfig, init: str | None, ctx: dict[str, Any]) -> None:
     allowed = {"text": (PIXART, DIT), "class": (DIT,)}[cfg.conditioning]
     if kind not in allowed:
         raise StartError(f"{init}: a {cfg.conditioning}-conditioned stage cannot start from a {kind}")
-    if config["in_channels"] != ctx["latent_channels"]:
+    if config["in_channels"] != ctx.latent_channels:
         raise StartError(f"{init}: the model takes {config['in_channels']} latent channels, the VAE makes "
-                         f"{ctx['latent_channels']}")
-    if kind == PIXART and config["caption_channels"] != ctx["caption_channels"]:
+                         f"{ctx.latent_channels}")
+    if kind == PIXART and config["caption_channels"] != ctx.caption_channels:
         raise StartError(f"{init}: the model takes {config['caption_channels']}-dim captions, the features "
-                         f"hold {ctx['caption_channels']}-dim T5 embeddings: use the text encoder it was trained with")
+                         f"hold {ctx.caption_channels}-dim T5 embeddings: use the text encoder it was trained with")
 
 
-def build(ctx: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def build(ctx: TrainContext) -> tuple[Any, dict[str, Any]]:
     """The stage's model, and a note of how it started (written to the run folder)."""
     from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
-    from training.models import disable_label_dropout
+    from training.architectures import disable_label_dropout
 
-    cfg = StageConfig(**ctx["stage"])
-    init = ctx["init"]
+    cfg, init = ctx.stage, ctx.init
     note: dict[str, Any] = {"init": init}
     if init and is_checkpoint(init):
         model = _registry_model(cfg, ctx)
@@ -104,7 +106,7 @@ def build(ctx: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     elif init and model_class(init) == DIT:
         from training.dit_import import convert_dit
 
-        model, report = convert_dit(model_folder(init), caption_channels=ctx["caption_channels"], seed=cfg.seed)
+        model, report = convert_dit(model_folder(init), caption_channels=ctx.caption_channels, seed=cfg.seed)
         note.update({"from": "dit_import", "import_report": report.to_json()})
     elif init:
         model = PixArtTransformer2DModel.from_pretrained(model_folder(init))
@@ -115,23 +117,23 @@ def build(ctx: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     if cfg.conditioning == "class":
         disable_label_dropout(model)
         return model, note
-    model, changes = fit(model, resolution=ctx["resolution"], vae_scale_factor=ctx["vae_scale_factor"],
+    model, changes = fit(model, resolution=ctx.resolution, vae_scale_factor=ctx.vae_scale_factor,
                          use_additional_conditions=cfg.use_additional_conditions,
                          interpolation_scale=cfg.interpolation_scale)
     note["fitted"] = changes
     return model, note
 
 
-def _registry_model(cfg: StageConfig, ctx: dict[str, Any]) -> Any:
-    from training.models import build_dit, build_transformer
+def _registry_model(cfg: StageConfig, ctx: TrainContext) -> Any:
+    from training.architectures import build_dit, build_transformer
 
     if cfg.conditioning == "class":
-        return build_dit(cfg.model, resolution=ctx["resolution"], latent_channels=ctx["latent_channels"],
-                         learned_sigma=cfg.learned_sigma, vae_scale_factor=ctx["vae_scale_factor"], seed=cfg.seed)
-    return build_transformer(cfg.model, resolution=ctx["resolution"], latent_channels=ctx["latent_channels"],
-                             caption_channels=ctx["caption_channels"], learned_sigma=cfg.learned_sigma,
+        return build_dit(cfg.model, resolution=ctx.resolution, latent_channels=ctx.latent_channels,
+                         learned_sigma=cfg.learned_sigma, vae_scale_factor=ctx.vae_scale_factor, seed=cfg.seed)
+    return build_transformer(cfg.model, resolution=ctx.resolution, latent_channels=ctx.latent_channels,
+                             caption_channels=ctx.caption_channels, learned_sigma=cfg.learned_sigma,
                              use_additional_conditions=cfg.use_additional_conditions,
-                             vae_scale_factor=ctx["vae_scale_factor"], seed=cfg.seed)
+                             vae_scale_factor=ctx.vae_scale_factor, seed=cfg.seed)
 
 
 def _interpolation_scale(config: Any) -> float:

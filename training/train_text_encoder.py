@@ -29,11 +29,8 @@ How, and why:
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -41,12 +38,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from curation.synthetic import scenes
+from synthetic import scenes
 
 log = logging.getLogger(__name__)
 
 HELD_OUT_STREAM = 1_000_033
-CARD = "README.md"
 TOKENIZER_CORPUS = (2000, 0)  # scenes.corpus(count, seed): the random tiny T5's tokenizer corpus
 
 
@@ -93,7 +89,7 @@ def lines(seed: int, stream: int, index: int, count: int, cfg: TextEncoderTrainC
 
 
 def tokenizer():  # -> T5Tokenizer
-    from training.models import tokenizer_from_sentencepiece, train_sentencepiece
+    from training.encoders import tokenizer_from_sentencepiece, train_sentencepiece
 
     return tokenizer_from_sentencepiece(train_sentencepiece(scenes.corpus(*TOKENIZER_CORPUS)))
 
@@ -101,9 +97,9 @@ def tokenizer():  # -> T5Tokenizer
 def build(cfg: TextEncoderTrainConfig, vocab_size: int):  # -> T5ForConditionalGeneration
     from transformers import T5ForConditionalGeneration
 
-    from training.models import _t5_config
+    from training.encoders import t5_config
 
-    config = _t5_config(vocab_size, cfg.d_model, cfg.encoder_layers, cfg.heads)
+    config = t5_config(vocab_size, cfg.d_model, cfg.encoder_layers, cfg.heads)
     config.num_decoder_layers = cfg.decoder_layers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -148,55 +144,31 @@ def encoder_only(model):  # noqa: ANN001  -> T5EncoderModel
 
 def train(out: str, cfg: TextEncoderTrainConfig) -> dict:
     """Train (resuming from an interrupted run's state), measure, save the encoder + tokenizer."""
-    from training.checkpoint import ScriptState, warmup_cosine
-    from training.models import _write_folder, num_parameters
+    from training.architectures import num_parameters
+    from training.script_training import ScriptRun
 
-    torch.manual_seed(cfg.seed)
+    run = ScriptRun(out, cfg.seed, log)
     tok = tokenizer()
     model = build(cfg, len(tok))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    state = ScriptState(out)
-    step = state.resume(model, optimizer)
-    if step:
-        log.info("resumed at step %d", step)
+    run.resume(model, optimizer)
     log.info("T5: %.2fM parameters (encoder %.2fM), vocab %d; %d steps of %d", num_parameters(model) / 1e6,
              num_parameters(model.encoder) / 1e6, len(tok), cfg.steps, cfg.batch_size)
-    model.train()
-    window_start, window = time.monotonic(), 0
-    while step < cfg.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(cfg.lr, step, cfg.steps, cfg.warmup_steps, floor=0.05)
-        loss = model(**batch(tok, lines(cfg.seed, 0, step, cfg.batch_size, cfg))).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window += cfg.batch_size
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rate = window / (time.monotonic() - window_start)
-            state.record({"step": step, "loss": round(loss.item(), 5), "lines_per_s": round(rate, 1)})
-            log.info("step %d/%d: loss %.4f, %.0f lines/s", step, cfg.steps, loss.item(), rate)
-            window_start, window = time.monotonic(), 0
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            state.save(model, optimizer, step)
+    run.train(lambda step: model(**batch(tok, lines(cfg.seed, 0, step, cfg.batch_size, cfg))).loss,
+              steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, floor=0.05,
+              log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, unit="lines")
     metrics = evaluate(model, tok, cfg)
     log.info("held-out restatement: %s", metrics)
     encoder = encoder_only(model)
-    curve = state.records()
     summary = {"parameters": num_parameters(model), "encoder_parameters": num_parameters(encoder),
                "vocab_size": len(tok), "steps": cfg.steps, "batch_size": cfg.batch_size, "held_out": metrics,
-               "config": asdict(cfg), "torch": torch.__version__,
-               "median_lines_per_s": float(np.median([c["lines_per_s"] for c in curve])) if curve else None}
+               "config": asdict(cfg), "torch": torch.__version__, "median_lines_per_s": run.median_rate("lines")}
 
-    def write(tmp: Path) -> None:
+    def save(tmp: Path) -> None:
         encoder.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(summary))
 
-    _write_folder(Path(out), write)
-    state.done()
+    run.finish(save, summary, model_card(summary))
     return summary
 
 
@@ -235,17 +207,12 @@ The only supervision is text; no images were used.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from shardkit.cli import setup_logging
+    from training.script_training import script_main, script_parser
 
-    parser = argparse.ArgumentParser(prog="python -m training.train_text_encoder", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="output folder (a T5EncoderModel + tokenizer + card)")
-    parser.add_argument("--steps", type=int, default=TextEncoderTrainConfig.steps)
-    parser.add_argument("--seed", type=int, default=TextEncoderTrainConfig.seed)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    train(args.out, TextEncoderTrainConfig(steps=args.steps, seed=args.seed))
-    return 0
+    parser = script_parser("python -m training.train_text_encoder", __doc__,
+                           "output folder (a T5EncoderModel + tokenizer + card)", TextEncoderTrainConfig)
+    return script_main(parser, argv,
+                       lambda args: train(args.out, TextEncoderTrainConfig(steps=args.steps, seed=args.seed)))
 
 
 if __name__ == "__main__":

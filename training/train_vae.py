@@ -6,7 +6,7 @@ synthetic generator to reconstruct them, so that what the diffusion model learns
 space decodes back to the objects and colours the prompts ask for.
 
 Choices, and why:
-* The shape of ``training.models.build_vae``'s VAE (two blocks, factor 2, 4 latent
+* The shape of ``training.encoders.build_vae``'s VAE (two blocks, factor 2, 4 latent
   channels): a drop-in for the random tiny VAE, so feature sets and stage configs keep their
   sizes; at 64 px a latent is 32x32x4. Narrower (16 and 32 channels) and without the
   mid-block attention (over 32x32 positions it cost most of a step; a factor-2 code needs no
@@ -27,25 +27,20 @@ Choices, and why:
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from curation.synthetic import scenes
+from synthetic import scenes
 
 log = logging.getLogger(__name__)
 
 HELD_OUT_STREAM = 1_000_003
-CARD = "README.md"
 
 
 @dataclass
@@ -78,12 +73,12 @@ def images(seed: int, stream: int, index: int, count: int, resolution: int) -> t
 def build(cfg: VaeTrainConfig):  # -> AutoencoderKL
     from diffusers import AutoencoderKL
 
-    from training.models import VAE_SCALING_FACTOR, _vae_config
+    from training.encoders import VAE_SCALING_FACTOR, vae_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return AutoencoderKL(**_vae_config(cfg.latent_channels, tuple(cfg.block_out_channels), VAE_SCALING_FACTOR,
-                                             cfg.norm_num_groups),
+        return AutoencoderKL(**vae_config(cfg.latent_channels, tuple(cfg.block_out_channels), VAE_SCALING_FACTOR,
+                                            cfg.norm_num_groups),
                              mid_block_add_attention=False)
 
 
@@ -110,60 +105,39 @@ def evaluate(vae, cfg: VaeTrainConfig) -> dict[str, float]:  # noqa: ANN001
 
 def train(out: str, cfg: VaeTrainConfig) -> dict:
     """Train (resuming from an interrupted run's state), measure, save into ``out``."""
-    from training.checkpoint import ScriptState, warmup_cosine
-    from training.models import _write_folder
+    from training.script_training import ScriptRun
 
-    torch.manual_seed(cfg.seed)
+    run = ScriptRun(out, cfg.seed, log)
     vae = build(cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state = ScriptState(out)
-    step = state.resume(vae, optimizer)
-    if step:
-        log.info("resumed at step %d", step)
+    run.resume(vae, optimizer)
     parameters = sum(p.numel() for p in vae.parameters())
     log.info("VAE: %.2fM parameters, %d steps of %d", parameters / 1e6, cfg.steps, cfg.batch_size)
-    vae.train()
-    window_start, window = time.monotonic(), 0
-    while step < cfg.steps:
+
+    def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = images(cfg.seed, 0, step, cfg.batch_size, cfg.resolution)
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(cfg.lr, step, cfg.steps, cfg.warmup_steps, floor=0.05)
         posterior = vae.encode(x).latent_dist
         out_ = vae.decode(posterior.sample()).sample
         reconstruction = (out_ - x).abs().mean()
         squared = ((out_ - x) ** 2).mean()
         kl = posterior.kl().mean() / x[0].numel()
-        loss = reconstruction + squared + cfg.kl_weight * kl * x[0].numel()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window += cfg.batch_size
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rate = window / (time.monotonic() - window_start)
-            record = {"step": step, "l1": round(reconstruction.item(), 5), "kl": round(kl.item(), 5),
-                      "images_per_s": round(rate, 1)}
-            state.record(record)
-            log.info("step %d/%d: L1 %.4f, KL/dim %.3f, %.0f images/s", step, cfg.steps, record["l1"], record["kl"], rate)
-            window_start, window = time.monotonic(), 0
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            state.save(vae, optimizer, step)
+        return reconstruction + squared + cfg.kl_weight * kl * x[0].numel(), reconstruction, kl
+
+    def report(result: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[dict, str]:
+        _, reconstruction, kl = result
+        fields = {"l1": round(reconstruction.item(), 5), "kl": round(kl.item(), 5)}
+        return fields, f"L1 {fields['l1']:.4f}, KL/dim {fields['kl']:.3f}"
+
+    run.train(step_loss, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+              floor=0.05, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, report=report)
     metrics = evaluate(vae, cfg)
     vae.register_to_config(scaling_factor=round(1.0 / metrics["latent_std"], 5))
     log.info("held-out reconstruction: %s; scaling_factor %s", metrics, vae.config.scaling_factor)
-    curve = state.records()
     summary = {"parameters": parameters, "steps": cfg.steps, "batch_size": cfg.batch_size, "held_out": metrics,
                "scaling_factor": vae.config.scaling_factor, "config": asdict(cfg), "torch": torch.__version__,
-               "median_images_per_s": float(np.median([c["images_per_s"] for c in curve])) if curve else None}
+               "median_images_per_s": run.median_rate()}
 
-    def write(tmp: Path) -> None:
-        vae.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(summary))
-
-    _write_folder(Path(out), write)
-    state.done()
+    run.finish(lambda tmp: vae.save_pretrained(tmp, safe_serialization=True), summary, model_card(summary))
     return summary
 
 
@@ -192,17 +166,11 @@ synthetic scenes at {cfg['resolution']} px. For the embedded demo only.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from shardkit.cli import setup_logging
+    from training.script_training import script_main, script_parser
 
-    parser = argparse.ArgumentParser(prog="python -m training.train_vae", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="output folder (a diffusers AutoencoderKL + card)")
-    parser.add_argument("--steps", type=int, default=VaeTrainConfig.steps)
-    parser.add_argument("--seed", type=int, default=VaeTrainConfig.seed)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    train(args.out, VaeTrainConfig(steps=args.steps, seed=args.seed))
-    return 0
+    parser = script_parser("python -m training.train_vae", __doc__, "output folder (a diffusers AutoencoderKL + card)",
+                           VaeTrainConfig)
+    return script_main(parser, argv, lambda args: train(args.out, VaeTrainConfig(steps=args.steps, seed=args.seed)))
 
 
 if __name__ == "__main__":

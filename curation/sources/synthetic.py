@@ -7,11 +7,20 @@ import io
 import numpy as np
 
 from curation.fetch import Candidate, FetchStage, ShardBuilder
-from curation.synthetic import scenes
+from shardkit.config import SyntheticSource
 from shardkit.runner import ShardTask
 from shardkit.shards import make_key
+from synthetic import scenes
 
 JPEG_QUALITY = 95
+
+
+def scene_options(cfg: SyntheticSource) -> scenes.SceneOptions:
+    """The generator's options from a dataset's config; unset values keep the generator's own."""
+    extra: dict = {"image_sizes": tuple(map(tuple, cfg.image_sizes))} if cfg.image_sizes else {}
+    if cfg.textured_fraction is not None:
+        extra["textured_fraction"] = cfg.textured_fraction
+    return scenes.SceneOptions(min_objects=cfg.min_objects, max_objects=cfg.max_objects, **extra)
 
 
 class SyntheticStage(FetchStage):
@@ -21,7 +30,7 @@ class SyntheticStage(FetchStage):
 
     def collect(self, task: ShardTask, builder: ShardBuilder) -> None:
         first, stop = task.payload
-        options = self.cfg.scene_options()
+        options = scene_options(self.cfg)
         for number in range(first, stop):
             builder.add(self._candidate(make_key(task.index, number - first), number, options))
 

@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation import sa1b
-from curation.synthetic.scenes import (
+from synthetic import sa1b
+from synthetic.scenes import (
     Scene,
     SceneOptions,
     describe,

@@ -9,8 +9,8 @@ sources nor img2dataset (a rented GPU box). `unpack` renders the images again, c
 against its sha256 and rebuilds the stage; images that come out different (another JPEG
 library) are counted and reported, not hidden.
 
-    python -m curation.synthetic.portable pack STAGE_FOLDER ARCHIVE.tar.xz
-    python -m curation.synthetic.portable unpack ARCHIVE.tar.xz STAGE_FOLDER
+    python -m synthetic.portable pack STAGE_FOLDER ARCHIVE.tar.xz
+    python -m synthetic.portable unpack ARCHIVE.tar.xz STAGE_FOLDER
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import os
 import shutil
 import tarfile
 import tempfile
-from typing import Sequence
+from typing import Callable, Sequence
 
-from curation.synthetic.scenes import Scene, render
 from shardkit import storage
-from shardkit.cli import run_main, setup_logging
+from shardkit.cli import dispatch, run_main
 from shardkit.shards import IMAGE, Sample, StageOutput, read_shard, shard_name, write_shard
+from synthetic.scenes import Scene, render
 
 log = logging.getLogger(__name__)
 
@@ -105,27 +105,32 @@ def unpack(archive: str, folder: str) -> dict[str, int]:
     return {"samples": rendered, "mismatched": mismatched}
 
 
+def _handler(run: Callable[[argparse.Namespace], object]) -> Callable[[argparse.Namespace], int]:
+    def handle(args: argparse.Namespace) -> int:
+        try:
+            run(args)
+        except PortableError as exc:
+            log.error("%s", exc)
+            return 2
+        return 0
+    return handle
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m curation.synthetic.portable", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m synthetic.portable", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pack")
+    p = sub.add_parser("pack", parents=[common])
     p.add_argument("folder")
     p.add_argument("archive")
-    u = sub.add_parser("unpack")
+    p.set_defaults(handler=_handler(lambda args: pack(args.folder, args.archive)))
+    u = sub.add_parser("unpack", parents=[common])
     u.add_argument("archive")
     u.add_argument("folder")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        if args.command == "pack":
-            pack(args.folder, args.archive)
-        else:
-            unpack(args.archive, args.folder)
-    except PortableError as exc:
-        log.error("%s", exc)
-        return 2
-    return 0
+    u.set_defaults(handler=_handler(lambda args: unpack(args.archive, args.folder)))
+    return dispatch(parser, [], argv)  # pack and unpack read no config
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m shardkit.growth`: how time and memory grow with the dataset, for the parts of a
+"""`python -m analysis.growth`: how time and memory grow with the dataset, for the parts of a
 job that see the whole dataset: planning a LAION parquet into shard tasks, dedup (exact, and
 exact + near), and merging per-shard noun counts.
 
@@ -386,7 +386,7 @@ def step_nouns(args: argparse.Namespace, rows: int) -> dict[str, Any]:
 STEP_FUNCTIONS: dict[str, Callable[[argparse.Namespace, int], dict[str, Any]]] = {
     "plan": step_plan, "exact": step_exact, "near": step_near, "nouns": step_nouns, "records": step_records}
 STEP_MODULES = {"plan": ["curation.sources.laion"], "exact": ["curation.dedup"], "near": ["curation.dedup"],
-                "nouns": ["analysis.job", "shardkit.growth"], "records": ["shardkit.shards"]}
+                "nouns": ["analysis.job", "analysis.growth"], "records": ["shardkit.shards"]}
 
 
 def _warm(modules: list[str]) -> int:
@@ -429,7 +429,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 # ---- the parent: inputs, one child per (size, step), the table -------------------------------
 
 def _child_argv(args: argparse.Namespace, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "shardkit.growth", "--workdir", args.workdir, "--per-shard", str(args.per_shard),
+    return [sys.executable, "-m", "analysis.growth", "--workdir", args.workdir, "--per-shard", str(args.per_shard),
             "--near-distance", str(args.near_distance), "--vocab", str(args.vocab),
             "--nouns-per-image", str(args.nouns_per_image), "--cpus", str(args.cpus), *extra]
 
@@ -477,7 +477,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shardkit.growth", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.growth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated sizes (default {DEFAULT_ROWS})")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
     parser.add_argument("--workdir", default="/tmp/pixart-growth", help="inputs are made here once per size")
@@ -520,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # the imported module's main, not this __main__ copy's: functions sent to Ray workers must
-    # be importable there by name (shardkit.growth.synthetic_counts, not __main__'s)
+    # be importable there by name (analysis.growth.synthetic_counts, not __main__'s)
     from shardkit import growth
 
     sys.exit(growth.main())

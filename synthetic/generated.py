@@ -9,9 +9,9 @@ import os
 from typing import Callable, Iterator
 from urllib.parse import urlparse
 
-from curation.loopback import LoopbackServer
-from curation.synthetic import samples
 from shardkit.config import LaionSource, SamSource
+from synthetic import samples
+from synthetic.loopback import LoopbackServer
 
 log = logging.getLogger(__name__)
 
