@@ -521,6 +521,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     # the imported module's main, not this __main__ copy's: functions sent to Ray workers must
     # be importable there by name (analysis.growth.synthetic_counts, not __main__'s)
-    from shardkit import growth
+    from analysis import growth
 
     sys.exit(growth.main())

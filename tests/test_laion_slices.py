@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.sources.laion import LaionStage, row_groups_holding
-from shardkit import growth
+from analysis import growth
 from shardkit.config import LaionSource
 
 
