@@ -75,7 +75,7 @@ class Scorer:
         self.model, self.processor = load_clip(storage.local_folder(cfg.clip), self.device, dtype)
         self.head = None
         if cfg.aesthetic is not None:
-            self.head = AestheticHead.from_file(_local_file(cfg.aesthetic)).to(self.device)
+            self.head = AestheticHead.from_file(storage.local_path(cfg.aesthetic)).to(self.device)
             if self.head.input_size != self.model.config.projection_dim:
                 raise ValueError(f"{cfg.aesthetic}: an aesthetic head over {self.head.input_size}-dim embeddings, "
                                  f"but {cfg.clip} makes {self.model.config.projection_dim}-dim ones")
@@ -109,16 +109,6 @@ def pooled(output):  # noqa: ANN001, ANN201 - a model output or a tensor -> a te
     """get_image/text_features' projection: a tensor (transformers 4) or an output's
     pooler_output (transformers 5)."""
     return output if hasattr(output, "shape") else output.pooler_output
-
-
-def _local_file(uri: str) -> str:
-    """A weights file named by URI, copied to the local cache (its folder is)."""
-    from shardkit import storage
-
-    if "://" not in uri:
-        return uri
-    folder, name = uri.rstrip("/").rsplit("/", 1)
-    return f"{storage.local_folder(folder)}/{name}"
 
 
 @dataclass

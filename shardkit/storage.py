@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -162,6 +163,12 @@ def local_folder(uri: str) -> str:
     path or hub id as it is; a URI (s3://...) copied once into a local cache, keyed by what
     is there (names, sizes, versions), so a folder replaced upstream is copied again. The copy
     is made aside and renamed into place: concurrent readers never see half of it."""
+    return local_path(uri)
+
+
+def local_path(uri: str) -> str:
+    """`local_folder` for a folder or a single file: a file named by URI (a weights file) is
+    copied alone, never the folder around it."""
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://")
     fs, path = filesystem(uri)
@@ -169,14 +176,19 @@ def local_folder(uri: str) -> str:
     fs.invalidate_cache()  # the whole tree is listed below: no listing of it may be stale
     if not fs.exists(path):
         raise FileNotFoundError(uri)
+    single = fs.isfile(path)
     root = os.path.join(tempfile.gettempdir(), "pixart-data-models")
     target = os.path.join(root, uri.replace("://", "/").strip("/") + "@" + _listing_stamp(fs, path))
+    name = posixpath.basename(path)
     if os.path.isdir(target):
-        return target
+        return os.path.join(target, name) if single else target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     building = tempfile.mkdtemp(prefix=".copy-", dir=os.path.dirname(target))
     try:
-        fs.get(path + "/", building + "/", recursive=True)
+        if single:
+            fs.get(path, os.path.join(building, name))
+        else:
+            fs.get(path + "/", building + "/", recursive=True)
         try:
             os.replace(building, target)
         except OSError:
@@ -184,4 +196,4 @@ def local_folder(uri: str) -> str:
                 raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
-    return target
+    return os.path.join(target, name) if single else target

@@ -45,6 +45,17 @@ def test_folders_go_up_last_file_last_and_come_back_as_local_copies(s3_bucket, t
         storage.local_folder(uri)
 
 
+def test_a_file_named_by_uri_comes_back_alone(s3_bucket):
+    """A weights file (an aesthetic head) beside big neighbours: only it is copied."""
+    storage.atomic_write(f"{s3_bucket}/models/head.pth", b"h" * 100)
+    storage.atomic_write(f"{s3_bucket}/models/other/huge.bin", b"x" * 10_000)
+    copy = storage.local_path(f"{s3_bucket}/models/head.pth")
+    assert os.path.basename(copy) == "head.pth" and open(copy, "rb").read() == b"h" * 100
+    assert os.listdir(os.path.dirname(copy)) == ["head.pth"]
+    assert storage.local_path(f"{s3_bucket}/models/head.pth") == copy
+    assert storage.local_path("/a/local/file.pth") == "/a/local/file.pth"
+
+
 def _config(write_config, bucket: str, models: str, **stage):
     return load_config(write_config(
         {"scenes": {"source": "folder", "path": models}},
