@@ -128,30 +128,39 @@ def _device_dtype(model) -> tuple[torch.device, torch.dtype]:  # noqa: ANN001
     return p.device, p.dtype
 
 
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """L2-normalised float32 embeddings of preprocessed images, on the model's device."""
+    device, dtype = _device_dtype(model)
+    return nn.functional.normalize(_pooled(model.get_image_features(pixel_values=pixel_values.to(device, dtype))).float(), dim=-1)
+
+
+def text_features(model, tokens) -> torch.Tensor:  # noqa: ANN001 - the processor's BatchEncoding or a dict
+    """L2-normalised float32 embeddings of tokenised texts, on the model's device."""
+    device, _ = _device_dtype(model)
+    out = model.get_text_features(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
+    return nn.functional.normalize(_pooled(out).float(), dim=-1)
+
+
 @torch.inference_mode()
 def image_embeddings(model, processor, images: Sequence, batch_size: int = 256) -> torch.Tensor:  # noqa: ANN001
     """L2-normalised image embeddings (float32, CPU, one row per image) of PIL images."""
-    device, dtype = _device_dtype(model)
     rows = []
     for start in range(0, len(images), batch_size):
         chunk = [im.convert("RGB") for im in images[start:start + batch_size]]
-        pixels = processor(images=chunk, return_tensors="pt")["pixel_values"].to(device, dtype)
-        rows.append(_pooled(model.get_image_features(pixel_values=pixels)).float().cpu())
-    return nn.functional.normalize(torch.cat(rows), dim=-1) if rows else torch.empty(0, model.config.projection_dim)
+        rows.append(image_features(model, processor(images=chunk, return_tensors="pt")["pixel_values"]).cpu())
+    return torch.cat(rows) if rows else torch.empty(0, model.config.projection_dim)
 
 
 @torch.inference_mode()
 def text_embeddings(model, processor, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:  # noqa: ANN001
     """L2-normalised text embeddings (float32, CPU); texts longer than the model's context are
     cut at it (77 tokens for OpenAI's CLIPs)."""
-    device, _ = _device_dtype(model)
     rows = []
     for start in range(0, len(texts), batch_size):
         tokens = processor(text=list(texts[start:start + batch_size]), padding=True, truncation=True,
                            return_tensors="pt")
-        rows.append(_pooled(model.get_text_features(input_ids=tokens["input_ids"].to(device),
-                                                    attention_mask=tokens["attention_mask"].to(device))).float().cpu())
-    return nn.functional.normalize(torch.cat(rows), dim=-1) if rows else torch.empty(0, model.config.projection_dim)
+        rows.append(text_features(model, tokens).cpu())
+    return torch.cat(rows) if rows else torch.empty(0, model.config.projection_dim)
 
 
 # --------------------------------------------------------------------------- the aesthetic head

@@ -712,8 +712,7 @@ def find_views(root: str) -> list[tuple[str, dict[str, Any]]]:
                 found.append((rel, record))
         if depth < VIEW_DEPTH:
             for name in sorted(names):
-                if name not in ("data", "view.json", "index.html") and storage.TEMP_MARKER not in name \
-                        and "." not in name.split("-")[0]:
+                if name not in ("data", "view.json", "index.html") and storage.TEMP_MARKER not in name:
                     walk(f"{rel}/{name}" if rel else name, depth + 1)
 
     walk("", 0)

@@ -68,18 +68,17 @@ class Scorer:
         from shardkit import storage
 
         self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, cfg.dtype)
-        if self.device == "cpu" and dtype == torch.float16:
+        if device == "cpu" and dtype == torch.float16:
             dtype = torch.bfloat16  # no fast float16 on CPUs
-        self.model, self.processor = load_clip(storage.local_folder(cfg.clip), self.device, dtype)
+        self.model, self.processor = load_clip(storage.local_folder(cfg.clip), device, dtype)
         self.head = None
         if cfg.aesthetic is not None:
-            self.head = AestheticHead.from_file(storage.local_path(cfg.aesthetic)).to(self.device)
+            self.head = AestheticHead.from_file(storage.local_path(cfg.aesthetic)).to(device)
             if self.head.input_size != self.model.config.projection_dim:
                 raise ValueError(f"{cfg.aesthetic}: an aesthetic head over {self.head.input_size}-dim embeddings, "
                                  f"but {cfg.clip} makes {self.model.config.projection_dim}-dim ones")
-        self.dtype = dtype
 
     def prepare(self, images: list[Image.Image], texts: dict[str, list[str]]) -> dict[str, Any]:
         """Pixel values and each caption field's tokens, on the host."""
@@ -91,24 +90,14 @@ class Scorer:
     def score(self, prepared: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
         """(image embeddings (N, d) normalised, aesthetic scores (N,) or None, cosine similarity
         per caption field (N,))."""
-        torch = self.torch
-        with torch.inference_mode():
-            image = pooled(self.model.get_image_features(pixel_values=prepared["pixels"].to(self.device, self.dtype)))
-            image = torch.nn.functional.normalize(image.float(), dim=-1)
+        from analysis.clip_models import image_features, text_features
+
+        with self.torch.inference_mode():
+            image = image_features(self.model, prepared["pixels"])
             aesthetic = self.head.score(image).numpy() if self.head is not None else None
-            similarity = {}
-            for name, tokens in prepared["texts"].items():
-                text = pooled(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                                           attention_mask=tokens["attention_mask"].to(self.device)))
-                text = torch.nn.functional.normalize(text.float(), dim=-1)
-                similarity[name] = (image * text).sum(-1).cpu().numpy()
+            similarity = {name: (image * text_features(self.model, tokens)).sum(-1).cpu().numpy()
+                          for name, tokens in prepared["texts"].items()}
         return image.cpu().numpy(), aesthetic, similarity
-
-
-def pooled(output):  # noqa: ANN001, ANN201 - a model output or a tensor -> a tensor
-    """get_image/text_features' projection: a tensor (transformers 4) or an output's
-    pooler_output (transformers 5)."""
-    return output if hasattr(output, "shape") else output.pooler_output
 
 
 @dataclass

@@ -136,9 +136,8 @@ def training_batch(processor, cfg: ClipTrainConfig, step: int) -> dict[str, torc
 def contrastive_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: ANN001
     """CLIP's symmetric InfoNCE; texts beyond the images' count are extra negatives for the
     image->text half only (each image's hard negative)."""
-    images = F.normalize(clip_models._pooled(model.get_image_features(pixel_values=batch["pixel_values"])), dim=-1)
-    texts = F.normalize(clip_models._pooled(model.get_text_features(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])), dim=-1)
+    images = clip_models.image_features(model, batch["pixel_values"])
+    texts = clip_models.text_features(model, batch)
     n = len(images)
     logits = model.logit_scale.exp().clamp(max=100) * images @ texts.T  # (n, n or 2n)
     target = torch.arange(n)
