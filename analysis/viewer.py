@@ -50,7 +50,7 @@ from PIL import Image
 from analysis.nouns import load_nlp
 from shardkit import shard_index, storage
 from shardkit.config import ConfigError, NounsConfig, PipelinesConfig
-from shardkit.shards import CAPTION, IMAGE, META, StageOutput
+from shardkit.shards import CAPTION, IMAGE, META, IndexedSample, StageOutput, scan_shard
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +249,12 @@ class ViewWriter:
         self.indices_written = 0
 
     # ---- reading ---------------------------------------------------------------------------
-    def _scan(self, source: Source, shard: int, wanted) -> Iterator[shard_index.IndexedSample]:  # noqa: ANN001
+    def _scan(self, source: Source, shard: int, wanted) -> Iterator[IndexedSample]:  # noqa: ANN001
         """A shard's samples, read once; its offset index written beside it if it has none."""
         shard_uri = source.output.shard_uri(shard)
         have = shard_index.read_index(source.output.uri, shard)
         builder = shard_index.IndexBuilder(shard_uri, shard) if have is None else None
-        for sample in shard_index.scan_shard(shard_uri, wanted):
+        for sample in scan_shard(shard_uri, wanted):
             yield builder.add(sample) if builder else sample
         if builder is not None:
             shard_index.write_index(source.output.uri, builder.index())
@@ -322,7 +322,7 @@ class ViewWriter:
             if self.limit is not None and count >= self.limit:
                 return
 
-    def _row(self, shard: int, sample: shard_index.IndexedSample, joined: dict, from_images: dict | None
+    def _row(self, shard: int, sample: IndexedSample, joined: dict, from_images: dict | None
              ) -> tuple[dict, bytes | None]:
         fields = sample.fields
         problems = []

@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 import tarfile
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from shardkit import storage
-from shardkit.shards import ShardFormatError, shard_name, split_member
+from shardkit.shards import IndexedSample, scan_shard, shard_name, split_member
 
 OFFSETS = "_offsets"
 VERSION = 1
@@ -72,36 +71,6 @@ class ShardIndex:
             raise ValueError(f"shard index version {raw.get('version')!r}, expected {VERSION}")
         return cls(raw["shard"], raw["size"], raw["stamp"],
                    {k: {f: (int(v[0]), int(v[1])) for f, v in fields.items()} for k, fields in raw["samples"].items()})
-
-
-@dataclass
-class IndexedSample:
-    key: str
-    fields: dict[str, bytes]
-    """Only the fields that were asked for."""
-    offsets: dict[str, tuple[int, int]]
-    """Every field of the sample: (data offset, size)."""
-
-
-def scan_shard(shard_uri: str, wanted: Callable[[str], bool] = lambda _: True) -> Iterator[IndexedSample]:
-    """Every sample of a shard in order, read once as a stream, with each member's offsets;
-    only the fields `wanted` accepts are read into memory (the rest are skipped)."""
-    fs, path = storage.filesystem(shard_uri)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        current: IndexedSample | None = None
-        for member in tar:
-            key, field_name = split_member(shard_uri, member)
-            if current is None or key != current.key:
-                if current is not None:
-                    yield current
-                current = IndexedSample(key, {}, {})
-            if field_name in current.offsets:
-                raise ShardFormatError(f"{shard_uri}: {member.name} appears twice")
-            current.offsets[field_name] = (member.offset_data, member.size)
-            if wanted(field_name):
-                current.fields[field_name] = tar.extractfile(member).read()
-        if current is not None:
-            yield current
 
 
 class IndexBuilder:

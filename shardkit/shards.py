@@ -17,7 +17,7 @@ import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from shardkit import storage
 
@@ -150,23 +150,41 @@ def split_member(uri: str, member: tarfile.TarInfo) -> tuple[str, str]:
     return key, field_name
 
 
+@dataclass
+class IndexedSample:
+    key: str
+    fields: dict[str, bytes]
+    """Only the fields that were asked for."""
+    offsets: dict[str, tuple[int, int]]
+    """Every field of the sample: (data offset, size)."""
+
+
+def scan_shard(uri: str, wanted: Callable[[str], bool] = lambda _: True) -> Iterator[IndexedSample]:
+    """Every sample of a shard in order, read once as a stream, with each member's offsets;
+    only the fields `wanted` accepts are read into memory (the rest are skipped)."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        current: IndexedSample | None = None
+        for member in tar:
+            key, field_name = split_member(uri, member)
+            if current is None or key != current.key:
+                if current is not None:
+                    yield current
+                current = IndexedSample(key, {}, {})
+            if field_name in current.offsets:
+                raise ShardFormatError(f"{uri}: {member.name} appears twice")
+            current.offsets[field_name] = (member.offset_data, member.size)
+            if wanted(field_name):
+                current.fields[field_name] = tar.extractfile(member).read()
+        if current is not None:
+            yield current
+
+
 def read_shard(uri: str) -> Iterator[Sample]:
     """Samples of a shard in order, read as a stream. Members that are not plain files or
     whose names could escape a folder are refused: shards may come from elsewhere."""
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        key, fields = None, {}
-        for member in tar:
-            member_key, field_name = split_member(uri, member)
-            if member_key != key:
-                if key is not None:
-                    yield Sample(key, fields)
-                key, fields = member_key, {}
-            if field_name in fields:
-                raise ShardFormatError(f"{uri}: {member.name} appears twice")
-            fields[field_name] = tar.extractfile(member).read()
-        if key is not None:
-            yield Sample(key, fields)
+    for sample in scan_shard(uri):
+        yield Sample(sample.key, sample.fields)
 
 
 # ---- records, plans and summaries ----------------------------------------------------------
