@@ -6,6 +6,11 @@ stage runs in a thread ahead of `generate`, so the accelerator never waits on it
 talks to backends only through this Protocol; backends register by name
 (`captioners.<name>.backend` in pipelines.yaml) and are imported only when used, so a
 machine without vLLM never imports it.
+
+A backend comes in two parts: the loaded model, built from a `ModelSpec` alone and cached per
+process, and a cheap object over it with one captioner's settings (batch size, generation,
+cache and compile options). Only the spec reaches the load, so no run setting can be frozen
+in by whichever captioner happened to load the model first.
 """
 
 from __future__ import annotations
@@ -86,20 +91,57 @@ def retry_sampling(cfg: CaptionerConfig) -> Sampling:
                     do_sample=True, temperature=q.retry_temperature, top_p=q.retry_top_p)
 
 
-def _load_key(cfg: CaptionerConfig) -> str:
-    """What a loaded model depends on: not the batch size, actors, prompt or quality checks."""
-    return cfg.model_dump_json(include={"model", "backend", "revision", "dtype", "trust_remote_code", cfg.backend})
+@dataclass(frozen=True)
+class ModelSpec:
+    """What loading a captioner's model depends on, and all that the load gets to read. Two
+    captioners with the same spec share one loaded model in a process; their batch size,
+    generation settings, prompt, quality checks and the backend's run options stay their own,
+    because the load never sees them (a setting read at load time would come from whichever
+    captioner loaded first)."""
+    backend: str
+    model: str
+    revision: str | None
+    dtype: str
+    trust_remote_code: bool
+    options: tuple[tuple[str, Any], ...] = ()
+    """The backend's load-time options, (name, value) pairs of its block (`LOAD_OPTIONS`)."""
+
+    def option(self, name: str) -> Any:
+        return dict(self.options)[name]
+
+
+class BackendClass(Protocol):
+    LOAD_OPTIONS: tuple[str, ...]
+    """Options of the backend's config block that the loaded model depends on."""
+
+    @staticmethod
+    def load_model(spec: ModelSpec) -> Any:
+        """The expensive part (weights on the device, an engine, the processor), from the spec
+        alone; cached per process."""
+
+    def __call__(self, cfg: CaptionerConfig, loaded: Any) -> CaptionBackend:
+        """A captioner over a loaded model, with this run's settings; cheap."""
+
+
+def backend_class(name: str) -> BackendClass:
+    module, _, attribute = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def model_spec(cfg: CaptionerConfig) -> ModelSpec:
+    block = getattr(cfg, cfg.backend)
+    return ModelSpec(cfg.backend, cfg.model, cfg.revision, cfg.dtype, cfg.trust_remote_code,
+                     tuple((name, getattr(block, name)) for name in backend_class(cfg.backend).LOAD_OPTIONS))
 
 
 @functools.lru_cache(maxsize=1)
-def _load(key: str, backend: str) -> CaptionBackend:
-    module, _, name = BACKENDS[backend].partition(":")
-    cfg = CaptionerConfig.model_validate_json(key)
-    return getattr(importlib.import_module(module), name)(cfg)
+def loaded_model(spec: ModelSpec) -> Any:
+    """One loaded model per process: a process that captions several datasets (in_process
+    runs, one Ray actor's life) loads it once; asking for another model releases the last."""
+    return backend_class(spec.backend).load_model(spec)
 
 
 def load_backend(cfg: CaptionerConfig) -> CaptionBackend:
-    """The loaded backend for this captioner. One per process is kept: a process that
-    captions several datasets (in_process runs, one Ray actor's life) loads the model once;
-    asking for another model releases the last."""
-    return _load(_load_key(cfg), cfg.backend)
+    """The captioner `cfg` describes: the process's loaded model for its spec, under this
+    captioner's own settings."""
+    return backend_class(cfg.backend)(cfg, loaded_model(model_spec(cfg)))

@@ -4,13 +4,16 @@ image-text-to-text classes (the `hf` backend; `vllm` shares the folder handling)
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging as transformers_logging
 
 from shardkit import storage
-from shardkit.config import CaptionerConfig
+
+if TYPE_CHECKING:
+    from captioning.backend import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +38,10 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return dtype
 
 
-def load_processor(cfg: CaptionerConfig):  # -> a transformers ProcessorMixin
+def load_processor(spec: ModelSpec):  # -> a transformers ProcessorMixin
     transformers_logging.disable_progress_bar()  # per-actor bars interleave into noise in Ray's log
-    processor = AutoProcessor.from_pretrained(local_model_path(cfg.model), revision=cfg.revision,
-                                              trust_remote_code=cfg.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(local_model_path(spec.model), revision=spec.revision,
+                                              trust_remote_code=spec.trust_remote_code)
     # batched generation of decoder-only models needs the padding on the left
     processor.tokenizer.padding_side = "left"
     return processor
@@ -54,15 +57,15 @@ def reserved_strings(processor) -> frozenset[str]:  # noqa: ANN001
     return frozenset(t for t in found if t and t.strip())
 
 
-def load(cfg: CaptionerConfig, device: str, attn_implementation: str | None = None):  # -> (processor, model)
-    path = local_model_path(cfg.model)
-    dtype = resolve_dtype(cfg.dtype, device)
-    processor = load_processor(cfg)
-    options = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+def load(spec: ModelSpec, device: str, attn_implementation: str | None = None):  # -> (processor, model)
+    path = local_model_path(spec.model)
+    dtype = resolve_dtype(spec.dtype, device)
+    processor = load_processor(spec)
+    options = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if attn_implementation:
         options["attn_implementation"] = attn_implementation
     if device != "cpu":  # straight onto the GPU: a 7B model is not staged through host memory
         options["device_map"] = device
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **options).to(device).eval()
-    log.info("loaded %s (%s) on %s in %s", cfg.model, type(model).__name__, device, dtype)
+    log.info("loaded %s (%s) on %s in %s", spec.model, type(model).__name__, device, dtype)
     return processor, model

@@ -22,9 +22,9 @@ from typing import Sequence
 from PIL import Image
 
 from captioning import model as models
-from captioning.backend import Generation, ModelInfo, Sampling
+from captioning.backend import Generation, ModelInfo, ModelSpec, Sampling
 from captioning.prompts import conversation
-from shardkit.config import CaptionerConfig
+from shardkit.config import CaptionerConfig, VllmConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,46 +113,61 @@ def legacy_layout_copy(folder: Path, cache_root: Path) -> Path:
     return target
 
 
-class VllmBackend:
-    def __init__(self, cfg: CaptionerConfig) -> None:
-        self.cfg = cfg
-        v = cfg.vllm
-        if v.kv_cache_gb is not None:
+class VllmEngine:
+    """The expensive part, from a ModelSpec alone: vLLM's engine over the model (its whole
+    `vllm` block is engine construction) and the folder's processor for the chat template."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        if spec.option("kv_cache_gb") is not None:
             # read by vLLM's CPU build when the engine starts; without it a CPU build takes
             # a fixed default that a small box may not have
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{v.kv_cache_gb:g}"
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{spec.option('kv_cache_gb'):g}"
         vllm = _import_vllm()
-        self._sampling_params = vllm.SamplingParams
-        path = models.local_model_path(cfg.model)
+        self.sampling_params = vllm.SamplingParams
+        path = models.local_model_path(spec.model)
         if os.path.isdir(path) and needs_legacy_layout(Path(path)):
             path = str(legacy_layout_copy(Path(path), Path(tempfile.gettempdir()) / "pixart-data-models" / "vllm-layout"))
-        self.processor = models.load_processor(cfg)
+        self.processor = models.load_processor(spec)
+        tensor_parallel = spec.option("tensor_parallel_size")
         options = dict(
-            model=path, tokenizer=path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-            dtype=cfg.dtype, seed=cfg.generation.seed, limit_mm_per_prompt={"image": 1},
-            max_num_seqs=v.max_num_seqs, gpu_memory_utilization=v.gpu_memory_utilization,
-            tensor_parallel_size=v.tensor_parallel_size, max_model_len=v.max_model_len,
-            enforce_eager=v.enforce_eager,
+            model=path, tokenizer=path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+            # the engine's own seed decides nothing here: every request carries its seed, made
+            # from the captioner's generation.seed, the shard and the batch (VllmBackend.generate)
+            dtype=spec.dtype, seed=0, limit_mm_per_prompt={"image": 1},
+            max_num_seqs=spec.option("max_num_seqs"), gpu_memory_utilization=spec.option("gpu_memory_utilization"),
+            tensor_parallel_size=tensor_parallel, max_model_len=spec.option("max_model_len"),
+            enforce_eager=spec.option("enforce_eager"),
         )
-        if v.tensor_parallel_size > 1:
+        if tensor_parallel > 1:
             # inside a Ray actor that holds the GPUs: worker processes on those GPUs, rather
             # than a second placement on the cluster
             options["distributed_executor_backend"] = "mp"
         self.llm = vllm.LLM(**options)
-        self.info = ModelInfo("vllm", cfg.model, cfg.revision)
-        self._reserved = models.reserved_strings(self.processor)
-        log.info("vLLM %s engine for %s (max_num_seqs %d, tensor parallel %d)", vllm.__version__, cfg.model,
-                 v.max_num_seqs, v.tensor_parallel_size)
+        self.info = ModelInfo("vllm", spec.model, spec.revision)
+        self.reserved = models.reserved_strings(self.processor)
+        log.info("vLLM %s engine for %s (max_num_seqs %d, tensor parallel %d)", vllm.__version__, spec.model,
+                 spec.option("max_num_seqs"), tensor_parallel)
+
+
+class VllmBackend:
+    """One captioner's calls into a VllmEngine: its sampling and seeds."""
+
+    LOAD_OPTIONS = tuple(VllmConfig.model_fields)
+    load_model = staticmethod(VllmEngine)
+
+    def __init__(self, cfg: CaptionerConfig, engine: VllmEngine) -> None:
+        self.cfg, self.engine = cfg, engine
+        self.processor, self.llm, self.info = engine.processor, engine.llm, engine.info
 
     def reserved_strings(self) -> frozenset[str]:
-        return self._reserved
+        return self.engine.reserved
 
     def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[dict]:
         return [{"prompt": self.processor.apply_chat_template(conversation(p), add_generation_prompt=True),
                  "multi_modal_data": {"image": image}} for image, p in zip(images, prompts)]
 
     def _params(self, sampling: Sampling, seed: int):  # noqa: ANN202 - vllm.SamplingParams
-        return self._sampling_params(
+        return self.engine.sampling_params(
             max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
             temperature=sampling.temperature if sampling.do_sample else 0.0,
             top_p=sampling.top_p if sampling.do_sample else 1.0, seed=seed, skip_special_tokens=True)
