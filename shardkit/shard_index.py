@@ -1,7 +1,7 @@
 """Byte offsets of every member of a shard tar, so one sample's field is read without the tar.
 
-A tar member's data sits at a fixed offset in the file, and `tarfile` tells it
-(`TarInfo.offset_data`) while it reads the headers. An index lists, for each key of a shard in
+A tar member's data sits at a fixed offset in the file, and the shard reader tells it
+(`IndexedSample.offsets`) while it reads the headers. An index lists, for each key of a shard in
 tar order, each field's `[offset, size]`; with it a reader fetches one image with one ranged
 read (`read_member`), locally or from an object store (fsspec opens ranges lazily).
 
@@ -20,11 +20,10 @@ the shard format: it can be deleted at any time and is made again.
 from __future__ import annotations
 
 import json
-import tarfile
 from dataclasses import dataclass, field
 
 from shardkit import storage
-from shardkit.shards import IndexedSample, scan_shard, shard_name, split_member
+from shardkit.shards import IndexedSample, scan_shard, shard_name
 
 OFFSETS = "_offsets"
 VERSION = 1
@@ -90,19 +89,12 @@ class IndexBuilder:
 
 
 def build_index(stage_uri: str, shard: int) -> ShardIndex:
-    """Read the tar's headers once. Local tars are read with seeks over the data; remote ones
-    as one stream (a seek there is a request of its own)."""
+    """Read the tar's headers once: local tars with seeks over the data, remote ones as one
+    stream (a seek there is a request of its own)."""
     shard_uri = storage.join(stage_uri, shard_name(shard))
     builder = IndexBuilder(shard_uri, shard)
-    if storage.is_local(shard_uri):
-        fs, path = storage.filesystem(shard_uri)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                key, field_name = split_member(shard_uri, member)
-                builder.samples.setdefault(key, {})[field_name] = (member.offset_data, member.size)
-    else:
-        for sample in scan_shard(shard_uri, wanted=lambda _: False):
-            builder.add(sample)
+    for sample in scan_shard(shard_uri, wanted=lambda _: False):
+        builder.add(sample)
     return builder.index()
 
 

@@ -14,12 +14,11 @@ import hashlib
 import io
 import json
 import re
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
-from shardkit import storage
+from shardkit import storage, tar
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -88,15 +87,15 @@ def encode_meta(meta: dict[str, Any]) -> bytes:
 
 class ShardWriter:
     """Writes one shard tar atomically. Members are `<key>.<field>` with fixed mtime and
-    mode, so the same samples always give the same bytes."""
+    mode, so the same samples always give the same bytes (those tarfile would write: tar.py)."""
 
     def __init__(self, uri: str):
         self.uri = uri
         self.count = 0
         self._keys: set[str] = set()
+        self._offset = 0
         self._context = storage.atomic_open(uri)
         self._file = self._context.__enter__()
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)
 
     def write(self, sample: Sample) -> None:
         if sample.key in self._keys:
@@ -108,18 +107,20 @@ class ShardWriter:
         )
         for name in order:
             data = sample.fields[name]
-            info = tarfile.TarInfo(f"{sample.key}.{name}")
-            info.size = len(data)
-            info.mode = 0o444
-            self._tar.addfile(info, io.BytesIO(data))
+            header = tar.member_header(f"{sample.key}.{name}", len(data))
+            padding = -len(data) % tar.BLOCK
+            self._file.write(header)
+            self._file.write(data)
+            if padding:
+                self._file.write(bytes(padding))
+            self._offset += len(header) + len(data) + padding
         self.count += 1
 
     def close(self) -> None:
-        self._tar.close()
+        self._file.write(tar.end_of_archive(self._offset))
         self._context.__exit__(None, None, None)
 
     def abort(self, exc: BaseException) -> None:
-        self._tar.close()
         self._context.__exit__(type(exc), exc, exc.__traceback__)
 
     def __enter__(self) -> "ShardWriter":
@@ -139,10 +140,10 @@ def write_shard(uri: str, samples: Iterable[Sample]) -> int:
     return writer.count
 
 
-def split_member(uri: str, member: tarfile.TarInfo) -> tuple[str, str]:
+def split_member(uri: str, member: tar.Member) -> tuple[str, str]:
     """(key, field) of a tar member; anything but a plain top-level `key.field` file is refused."""
     name = member.name
-    if not member.isfile() or "/" in name or "\\" in name or name.startswith("."):
+    if not member.regular or "/" in name or "\\" in name or name.startswith("."):
         raise ShardFormatError(f"{uri}: refused member {name!r} (not a plain top-level file)")
     key, _, field_name = name.partition(".")
     if not field_name:
@@ -161,21 +162,25 @@ class IndexedSample:
 
 def scan_shard(uri: str, wanted: Callable[[str], bool] = lambda _: True) -> Iterator[IndexedSample]:
     """Every sample of a shard in order, read once as a stream, with each member's offsets;
-    only the fields `wanted` accepts are read into memory (the rest are skipped)."""
+    only the fields `wanted` accepts are read into memory (the rest are skipped: seeked over
+    in a local file)."""
     fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with fs.open(path, "rb") as f:
         current: IndexedSample | None = None
-        for member in tar:
-            key, field_name = split_member(uri, member)
-            if current is None or key != current.key:
-                if current is not None:
-                    yield current
-                current = IndexedSample(key, {}, {})
-            if field_name in current.offsets:
-                raise ShardFormatError(f"{uri}: {member.name} appears twice")
-            current.offsets[field_name] = (member.offset_data, member.size)
-            if wanted(field_name):
-                current.fields[field_name] = tar.extractfile(member).read()
+        try:
+            for member in tar.members(f, lambda name: wanted(name.partition(".")[2]), seek=storage.is_local(uri)):
+                key, field_name = split_member(uri, member)
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    current = IndexedSample(key, {}, {})
+                if field_name in current.offsets:
+                    raise ShardFormatError(f"{uri}: {member.name} appears twice")
+                current.offsets[field_name] = (member.offset, member.size)
+                if member.data is not None:
+                    current.fields[field_name] = member.data
+        except tar.TarFormatError as exc:
+            raise ShardFormatError(f"{uri}: {exc}") from None
         if current is not None:
             yield current
 

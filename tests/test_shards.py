@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import subprocess
 import tarfile
 
 import pytest
@@ -39,6 +40,54 @@ def test_same_samples_give_the_same_bytes(tmp_path):
     write_shard(str(tmp_path / "a.tar"), _samples(3))
     write_shard(str(tmp_path / "b.tar"), _samples(3))
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+
+
+def _tarfile_bytes(samples) -> bytes:
+    """What tarfile writes for the same members (PAX format, mode 0o444, mtime 0), in our order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for sample in samples:
+            order = [f for f in ("jpg", "json", "txt") if f in sample.fields] + sorted(
+                f for f in sample.fields if f not in ("jpg", "json", "txt"))
+            for name in order:
+                info = tarfile.TarInfo(f"{sample.key}.{name}")
+                info.size, info.mode = len(sample.fields[name]), 0o444
+                tar.addfile(info, io.BytesIO(sample.fields[name]))
+    return _without_device_numbers(buffer.getvalue())
+
+
+def _without_device_numbers(data: bytes) -> bytes:
+    """Every header's devmajor/devminor emptied, its checksum made again: tarfile before Python
+    3.11's later releases wrote "0000000" there for regular files too, then left them empty."""
+    out, pos = bytearray(data), 0
+    while pos < len(out) and any(out[pos:pos + 512]):
+        header = out[pos:pos + 512]
+        header[329:345] = bytes(16)
+        header[148:156] = b" " * 8
+        header[148:155] = b"%06o\x00" % sum(header)
+        out[pos:pos + 512] = header
+        size = int(bytes(header[124:136]).strip(b"\x00 ") or b"0", 8)
+        pos += 512 + -(-size // 512) * 512
+    return bytes(out)
+
+
+@pytest.mark.parametrize("count", [0, 1, 7])
+def test_the_writer_writes_what_tarfile_writes(tmp_path, count):
+    samples = _samples(count)
+    if count:
+        # an empty member, one of exactly a block, a multiple of blocks plus one byte, and a
+        # name past ustar's 100 characters (tarfile's PAX extended header)
+        samples[0] = Sample(samples[0].key, {**samples[0].fields, "empty": b"", "block": b"x" * 512, "odd": b"y" * 1025})
+        samples.append(Sample("k" * 120, {"jpg": b"z" * 700, "txt": b"long name"}))
+    uri = str(tmp_path / "00000.tar")
+    write_shard(uri, samples)
+    data = (tmp_path / "00000.tar").read_bytes()
+    assert data == _tarfile_bytes(samples)
+    assert len(data) % tarfile.RECORDSIZE == 0
+    assert [(s.key, s.fields) for s in read_shard(uri)] == [(s.key, s.fields) for s in samples]
+    listed = subprocess.run(["tar", "-tf", uri], check=True, capture_output=True, text=True).stdout.split()
+    with tarfile.open(uri) as tar:  # GNU tar reads it as tarfile does
+        assert listed == tar.getnames() and len(listed) == sum(len(s.fields) for s in samples)
 
 
 def test_a_failed_write_leaves_nothing_under_the_final_name(tmp_path):
