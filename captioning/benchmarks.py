@@ -100,7 +100,8 @@ def _bench(config, workdir: str, backend: str, extra_captioner: dict) -> BenchRe
         f"caption_stage_{backend}", "images", mine, base, f"plain {backend} loop (batch {cfg.batch_size})", 0.9,
         f"generate is {spent['generate'] / max(shard_s, 1e-9):.0%} of the actor's shard time; decode and prepare "
         f"({spent['read'] + spent['prepare']:.1f} s) run in the prefetch thread beside it, generation waited "
-        f"{spent['wait']:.1f} s for them, writing took {spent['write']:.1f} s",
+        f"{spent['wait']:.1f} s for them, writing took {spent['write']:.1f} s and making each finished tar durable "
+        f"before its record (flush, fsync, rename) {spent['close']:.2f} s",
         extra={"tokens_per_s_ours": round(ours.tokens / mine.seconds, 1),
                "tokens_per_s_loop": round(loop.tokens / base.seconds, 1),
                "ray_start_s": round(ray_seconds, 2), "ours_end_to_end_s_last_run": round(ours.wall, 2),

@@ -248,9 +248,10 @@ def quality_statistics(counters: dict[str, int], checks: list[str]) -> dict[str,
 
 def time_breakdown(counters: dict[str, int]) -> dict[str, float]:
     """Seconds summed over shards: read and prepare run in the prefetch thread, beside
-    generation; wait is the time generation waited for them (0 when prefetch keeps up)."""
+    generation; wait is the time generation waited for them (0 when prefetch keeps up); close
+    is making each finished tar durable (flush, fsync, rename)."""
     return {name: round(counters.get(f"{name}_ms", 0) / 1000, 2)
-            for name in ("read", "prepare", "wait", "generate", "process", "write")}
+            for name in ("read", "prepare", "wait", "generate", "process", "write", "close")}
 
 
 def caption(config: PipelinesConfig, dataset: str, captioner: str, restart: bool = False) -> dict[str, Any]:

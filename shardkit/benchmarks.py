@@ -11,7 +11,7 @@ import numpy as np
 import webdataset as wds
 
 from shardkit.bench import BenchResult, interleaved
-from shardkit.shards import Sample, encode_meta, make_key, read_shard, write_shard
+from shardkit.shards import Sample, ShardWriter, encode_meta, make_key, read_shard, write_shard
 
 SAMPLES = 2000
 IMAGE_BYTES = 20_000  # about a 256 px JPEG
@@ -29,8 +29,14 @@ def shard_write(config, workdir: str) -> BenchResult:  # noqa: ANN001 - bench si
     samples = _samples()
     ours_path, plain_path = os.path.join(workdir, "ours.tar"), os.path.join(workdir, "plain.tar")
 
+    closing: list[float] = []
+
     def ours() -> int:
-        return write_shard(ours_path, samples)
+        with ShardWriter(ours_path) as writer:
+            for sample in samples:
+                writer.write(sample)
+        closing.append(writer.close_seconds)
+        return writer.count
 
     def plain() -> int:
         with tarfile.open(plain_path, "w") as tar:
@@ -42,8 +48,12 @@ def shard_write(config, workdir: str) -> BenchResult:  # noqa: ANN001 - bench si
         return len(samples)
 
     mine, base = interleaved(ours, plain)
-    return BenchResult("shard_write", "samples", mine, base, "plain tarfile loop", 0.9,
-                       "disk writes plus the fsync that makes a finished shard durable before its record")
+    durable = min(closing)
+    return BenchResult("shard_write", "samples", mine, base, "plain tarfile loop (no fsync)", 0.9,
+                       f"disk writes; the fsync and rename that make a finished shard durable before its record is "
+                       f"written (a crash must not leave a record over a tar the disk never got) take {durable * 1000:.0f} ms "
+                       f"of {mine.seconds * 1000:.0f}; headers are formatted in Python (shardkit/tar.py)",
+                       extra={"close_fsync_rename_s": round(durable, 4), "samples": SAMPLES, "image_bytes": IMAGE_BYTES})
 
 
 def shard_read(config, workdir: str) -> BenchResult:  # noqa: ANN001
@@ -58,7 +68,7 @@ def shard_read(config, workdir: str) -> BenchResult:  # noqa: ANN001
 
     mine, base = interleaved(ours, webdataset)
     return BenchResult("shard_read", "samples", mine, base, "webdataset.WebDataset", 0.9,
-                       "tar member parsing in Python (tarfile), one member at a time")
+                       "tar headers parsed and checksummed in Python (shardkit/tar.py), one read per member")
 
 
 BENCHMARKS = [shard_write, shard_read]

@@ -81,7 +81,8 @@ def map_shard_in_batches(index: int, source_uri: str, shard_uri: str, batch_size
     first and `process` gets what it returns. With `ahead` > 0, reading and preparing run in a
     thread up to that many batches in front of `process`, so the model never waits on JPEG
     decoding or preprocessing. Where the time went is counted in milliseconds: read_ms and
-    prepare_ms (in that thread), wait_ms (process waiting for a batch), process_ms, write_ms."""
+    prepare_ms (in that thread), wait_ms (process waiting for a batch), process_ms, write_ms, and
+    close_ms: the flush, fsync and rename that make the finished tar durable before its record."""
     started = time.monotonic()
     failures: list[Failure] = []
     counters: dict[str, int] = {}
@@ -110,6 +111,7 @@ def map_shard_in_batches(index: int, source_uri: str, shard_uri: str, batch_size
             with timed_ms(counters, "write_ms"):
                 for sample in out:
                     writer.write(sample)
+    counters["close_ms"] = int(round(writer.close_seconds * 1000))
     for name, value in early_counters.items():
         counters[name] = counters.get(name, 0) + value
     return ShardRecord(index, samples_in=samples_in, samples_out=writer.count, seconds=time.monotonic() - started,

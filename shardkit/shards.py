@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
@@ -94,6 +95,8 @@ class ShardWriter:
         self.count = 0
         self._keys: set[str] = set()
         self._offset = 0
+        self.close_seconds = 0.0
+        """How long close() took: the flush, fsync and rename that make the tar durable under its name."""
         self._context = storage.atomic_open(uri)
         self._file = self._context.__enter__()
 
@@ -117,8 +120,10 @@ class ShardWriter:
         self.count += 1
 
     def close(self) -> None:
+        started = time.perf_counter()
         self._file.write(tar.end_of_archive(self._offset))
         self._context.__exit__(None, None, None)
+        self.close_seconds = time.perf_counter() - started
 
     def abort(self, exc: BaseException) -> None:
         self._context.__exit__(type(exc), exc, exc.__traceback__)

@@ -209,7 +209,7 @@ def test_quality_flags_retries_and_summary(ray_session, write_config, tiny_model
     for info in infos:
         assert info["truncated"] == (info["finish_reason"] == "length") == ("length" in info["flags"])
         assert info["backend"] == "hf"
-    assert set(summary["time_s"]) == {"read", "prepare", "wait", "generate", "process", "write"}
+    assert set(summary["time_s"]) == {"read", "prepare", "wait", "generate", "process", "write", "close"}
     assert summary["time_s"]["generate"] > 0
     # the sampled retries are seeded: a rerun writes the same captions
     first = _captions(output, "tiny")
