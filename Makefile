@@ -2,7 +2,7 @@
 #   make demo | make test | make bench
 #   make sources | make curate DATASET=sample-laion | make caption DATASET=sample-sam [CAPTIONER=x]
 #   make nouns [DATASET=a,b] [FIELDS=txt,synthetic-captioner] [EXCLUDE_FLAGGED=1] | make features DATASET=sample-sam
-#   make train-stage1 | make train-stage2 | make train-stage3   (each starts from the one before)
+#   make train-stage1 | make train-stage2 | make train-stage3   (each starts from the one before) | make train-<stage>
 #   make eval [PIPELINE=folder] | make reproduce [SCALE=4] | make train-stage2-long | make train-captioner | train-vae | train-text-encoder | train-scorer
 #   make validate DATASET=x [STAGE=shards] | make view DATASET=x [STAGE=shards] [LIMIT=N] [SERVE=1 [PORT=8000]]
 #   make score DATASET=x [SCORER=synthetic-scorer]
@@ -129,6 +129,11 @@ train-stage2: setup
 
 train-stage3: setup
 	$(PY) -m training train stage3 $(ARGS)
+
+# Any other stage of training.stages by its name: make train-paper-stage2 (the paper's recipe
+# at full size, on a GPU cluster), make train-paper-stage3-512, make train-repro-dense ...
+train-%: setup
+	$(PY) -m training train $* $(ARGS)
 
 # The shipped stage-2 checkpoint: train at length (hours), score it, ship it with its card.
 train-stage2-long: setup

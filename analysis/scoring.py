@@ -25,6 +25,7 @@ from PIL import Image
 
 from shardkit import pipeline
 from shardkit.config import PipelinesConfig, ScorerConfig
+from shardkit.inputs import require_model
 from shardkit.runner import PoolSpec, ShardTask, map_shard_in_batches, run_stage, timed_ms
 from shardkit.shards import CAPTION, IMAGE, Failure, Sample, ShardRecord, StageOutput, StagePlan, decode_image
 
@@ -116,7 +117,8 @@ class ScoreStage:
         self.dataset, self.name, self.cfg, self.source = dataset, name, cfg, source
         self.num_shards = source.read_plan().num_shards
         self.task_cpus = cfg.num_cpus
-        self.pool = PoolSpec(actors=cfg.actors, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        self.pool = PoolSpec(actors=cfg.actors, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                             config_key=f"scorers.{name}")
         self.scorer: Scorer | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -196,11 +198,15 @@ class ScoreStage:
 def score(config: PipelinesConfig, dataset: str, scorer: str, restart: bool = False) -> dict[str, Any]:
     """Score every sample of the scorer's input stage of `dataset` (made first if needed)."""
     cfg = config.scorer(scorer)
-    source = pipeline.ensure(config, dataset, cfg.input)
     if cfg.tiny is not None and not os.path.isfile(os.path.join(cfg.clip, "config.json")):
         from analysis.clip_models import build_tiny_clip
 
         build_tiny_clip(cfg.clip, seed=cfg.tiny.seed)
+    # before the stages it reads are made: their hours are no use without these
+    require_model(f"scorers.{scorer}.clip", cfg.clip)
+    if cfg.aesthetic is not None:
+        require_model(f"scorers.{scorer}.aesthetic", cfg.aesthetic, marker=None)
+    source = pipeline.ensure(config, dataset, cfg.input)
     stage = ScoreStage(dataset, scorer, cfg, source)
     output = StageOutput.of(config.storage.root, dataset, stage_name(scorer))
     summary = run_stage(stage, output, config.cluster, restart=restart)

@@ -22,6 +22,7 @@ from captioning.backend import CaptionBackend, Generation, Sampling, load_backen
 from captioning.prompts import Prompt, user_prompt
 from shardkit import pipeline
 from shardkit.config import CaptionerConfig, PipelinesConfig
+from shardkit.inputs import require_model
 from shardkit.runner import PoolSpec, ShardTask, map_shard_in_batches, run_stage, timed_ms
 from shardkit.shards import BASE_FIELDS, IMAGE, Failure, Sample, ShardRecord, StageOutput, StagePlan, decode_image
 
@@ -63,7 +64,8 @@ class CaptionStage:
         source_plan = source.read_plan()
         self.num_shards = source_plan.num_shards
         self.task_cpus = cfg.num_cpus
-        self.pool = PoolSpec(actors=cfg.actors, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        self.pool = PoolSpec(actors=cfg.actors, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                             config_key=f"captioners.{name}")
         self.backend: CaptionBackend | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -257,11 +259,13 @@ def time_breakdown(counters: dict[str, int]) -> dict[str, float]:
 def caption(config: PipelinesConfig, dataset: str, captioner: str, restart: bool = False) -> dict[str, Any]:
     """Caption every sample of the dataset's shards (curating them first if needed)."""
     cfg = config.captioner(captioner)
-    source = pipeline.ensure(config, dataset, INPUT_STAGE)
     if cfg.tiny is not None:
         from captioning.tiny_models import build_tiny_llava
 
         build_tiny_llava(cfg.model, kind=cfg.tiny.kind, size=cfg.tiny.size, seed=cfg.tiny.seed)
+    # before curating: hours of downloads are no use if the model cannot be loaded
+    require_model(f"captioners.{captioner}.model", cfg.model)
+    source = pipeline.ensure(config, dataset, INPUT_STAGE)
     stage = CaptionStage(dataset, captioner, cfg, source)
     output = StageOutput.of(config.storage.root, dataset, stage_name(captioner))
     summary = run_stage(stage, output, config.cluster, restart=restart)

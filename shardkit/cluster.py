@@ -86,3 +86,24 @@ def total_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def require_gpus(cfg: ClusterConfig, key: str, each: float, setting: str, count: int = 1) -> None:
+    """Workers that ask for GPUs a Ray will never have wait forever. Call when connected. An
+    embedded Ray is all there is, so too few is an error (one line); a cluster may add GPU
+    nodes (an autoscaler), so there it is a warning."""
+    import ray
+
+    from shardkit.runner import StageError
+
+    if not each:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if have >= each:
+        return
+    if cfg.resolved_address() is None:
+        raise StageError(f"{key}.{setting}: {count} worker(s) asking for {each:g} GPU(s) each, and this machine has "
+                         f"{have:g}; run it on a GPU machine or cluster (cluster.address), or set {key}.{setting}: 0 "
+                         "to run on the CPU")
+    log.warning("%s: workers ask for %g GPU(s) each and the cluster has %g now; waiting for GPU nodes to join",
+                key, each, have)

@@ -45,6 +45,8 @@ class PoolSpec:
     num_gpus: float = 0.0
     max_restarts: int = 3
     """A killed actor is restarted (reloading its model) and its shard retried on it."""
+    config_key: str = ""
+    """The config entry these numbers come from (`captioners.llava-1.5-7b`), for messages."""
 
 
 @dataclass(frozen=True)
@@ -317,6 +319,7 @@ def _run_pending(stage: ShardStage, output: StageOutput, cluster_cfg: ClusterCon
         submit = lambda task, _slot: remote.remote(stage_ref, task, output)  # noqa: E731
         slots = list(range(limit))
     else:
+        cluster.require_gpus(cluster_cfg, pool.config_key or "the stage", pool.num_gpus, "num_gpus", pool.actors)
         actor_class = ray.remote(_ShardActor).options(
             num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=pool.max_restarts,
             max_task_retries=pool.max_restarts)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from shardkit.config import ConfigError, load_config
+from shardkit.config import ConfigError, load_config, parse_config
+from shardkit.runner import StageError
 from shardkit.shards import StageOutput
 from training import buckets
 from training.architectures import build_transformer
@@ -156,6 +157,34 @@ def _class_folder(root, sizes: dict[str, list[tuple[int, int]]]) -> None:
         (root / name).mkdir(parents=True)
         for i, (w, h) in enumerate(shapes):
             Image.new("RGB", (w, h), colours[name]).save(root / name / f"{i}.png")
+
+
+def test_classes_from_the_folders_are_their_sorted_names(ray_session, write_config, tmp_path):
+    """`classes: folders` (ImageNet's layout, DiT-XL/2's ids): the sorted sub-folder names, read
+    when the features are made and kept in their plan, so a folder that gains a class makes the
+    old features stale instead of mixing two numberings."""
+    root = tmp_path / "imagenet"
+    _class_folder(root, {"dog": [(32, 32)], "cat": [(32, 32), (40, 32)], "bird": [(32, 32)]})  # unlike: not dedup'd
+    features = {"f": {"dataset": "folders", "vae": "vae", "resolution": 16, "batch_size": 4,
+                      "label": {"field": "folder", "classes": "folders"}}}
+    config = load_config(write_config(
+        {"folders": {"source": "folder", "path": str(root)}},
+        training={"vaes": {"vae": {"model": "${storage}/models/vae", "tiny": {"seed": 0}}}, "features": features}))
+    assert extract(config, "f")["samples_out"] == 4
+    output = StageOutput.of(config.storage.root, "folders", "features/f")
+    for sample in output.samples():
+        meta = sample.meta
+        assert int(sample.fields[LABEL_FIELD]) == ["bird", "cat", "dog"].index(meta["folder"])
+        assert meta["features"]["label"]["name"] == meta["folder"]
+    assert output.read_plan().config["features"]["label"]["classes"] == ["bird", "cat", "dog"]
+    (root / "eel").mkdir()
+    Image.new("RGB", (32, 32), "grey").save(root / "eel" / "0.png")
+    with pytest.raises(StageError, match="another config"):  # ids shifted: not mixed with the old ones
+        extract(config, "f")
+    with pytest.raises(ConfigError, match="classes: folders needs field: folder and a folder dataset"):
+        parse_config({"datasets": {"s": {"source": "synthetic"}},
+                      "training": {"vaes": {"vae": {"model": "m"}},
+                                   "features": {"f": {**features["f"], "dataset": "s"}}}})
 
 
 def test_class_folders_selection_and_buckets_become_features_a_reader_batches_by_bucket(ray_session, write_config, tmp_path):

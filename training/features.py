@@ -26,7 +26,8 @@ from PIL import Image
 
 from shardkit import pipeline, storage
 from shardkit.config import FeaturesConfig, PipelinesConfig, TextEncoderConfig, VaeConfig
-from shardkit.runner import PoolSpec, ShardTask, map_shard_in_batches, run_stage
+from shardkit.inputs import IMAGE_FOLDER_FROM, require_model, require_path
+from shardkit.runner import PoolSpec, ShardTask, StageError, map_shard_in_batches, run_stage
 from shardkit.shards import CAPTION, IMAGE, META, Failure, Sample, ShardRecord, StageOutput, StagePlan, encode_meta
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ class FeatureStage:
                         if cfg.buckets is not None else None)
         self.num_shards = source.read_plan().num_shards
         self.task_cpus = cfg.num_cpus
-        self.pool = PoolSpec(actors=cfg.actors, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        self.pool = PoolSpec(actors=cfg.actors, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                             config_key=f"training.features.{name}")
         self.models = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -351,12 +353,39 @@ def _ensure_tiny_models(config: PipelinesConfig, cfg: FeaturesConfig) -> None:
         encoders.build_vae(vae_cfg.model, seed=vae_cfg.tiny.seed)
 
 
+def resolved(config: PipelinesConfig, name: str) -> FeaturesConfig:
+    """`training.features.<name>` with `label.classes: folders` replaced by the dataset folder's
+    sub-folder names, sorted: what the stage, its plan and the trainer use. A folder that
+    gains or loses a class changes the plan, so old features are not mixed with new ids."""
+    cfg = config.training.features[name]
+    if cfg.label is None or cfg.label.classes != "folders":
+        return cfg
+    path = config.datasets[cfg.dataset].path
+    key = f"datasets.{cfg.dataset}.path"
+    require_path(key, path, "the image folder", IMAGE_FOLDER_FROM)
+    fs, root = storage.filesystem(path)
+    classes = sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=True)
+                     if entry["type"] == "directory")
+    if not classes:
+        raise StageError(f"training.features.{name}.label: classes: folders, but {path} has no sub-folders")
+    return cfg.model_copy(update={"label": cfg.label.model_copy(update={"classes": classes})})
+
+
+def require_encoders(config: PipelinesConfig, cfg: FeaturesConfig) -> None:
+    """The feature set's VAE and text encoder can be loaded from here (shardkit.inputs); tiny
+    ones are built first."""
+    _ensure_tiny_models(config, cfg)
+    require_model(f"training.vaes.{cfg.vae}.model", config.training.vaes[cfg.vae].model)
+    if cfg.text_encoder is not None:
+        require_model(f"training.text_encoders.{cfg.text_encoder}.model", config.training.text_encoders[cfg.text_encoder].model)
+
+
 def complete_summary(config: PipelinesConfig, name: str) -> dict[str, Any] | None:
     """The summary of `features/<name>` when there is nothing to do: its input and every shard
     complete, its plan the one these configs and model folders give now, its summary written
     to the end. None otherwise, and `extract` takes its usual path (which also reports a
     changed config). Reads plans, records and the models' small files; no Ray, no models."""
-    cfg = config.training.features[name]
+    cfg = resolved(config, name)
     source = StageOutput.of(config.storage.root, cfg.dataset, input_stage(cfg))
     output = StageOutput.of(config.storage.root, cfg.dataset, stage_name(name))
     source_plan = source.read_plan()
@@ -374,14 +403,14 @@ def extract(config: PipelinesConfig, name: str, restart: bool = False) -> dict[s
     """Make `features/<name>` of its dataset (captioning, and curating, first if needed)."""
     if name not in config.training.features:
         raise ValueError(f"training.features: no feature set {name!r}; defined: {', '.join(config.training.features) or 'none'}")
-    cfg = config.training.features[name]
+    cfg = resolved(config, name)
     done = None if restart else complete_summary(config, name)
     if done is not None:
         log.info("%s/%s: already complete with this config and these models (%d shards, %d samples); skipped",
                  cfg.dataset, stage_name(name), done["shards_complete"], done["samples_out"])
         return done
+    require_encoders(config, cfg)  # before captioning and curating, which can take days
     source = pipeline.ensure(config, cfg.dataset, input_stage(cfg))
-    _ensure_tiny_models(config, cfg)
     output = StageOutput.of(config.storage.root, cfg.dataset, stage_name(name))
     text_cfg = config.training.text_encoders[cfg.text_encoder] if cfg.text_encoder else None
     stage = FeatureStage(name, cfg, text_cfg, config.training.vaes[cfg.vae], source, output.uri)

@@ -27,6 +27,7 @@ import torch
 
 from shardkit import cluster, pipeline, storage
 from shardkit.config import PipelinesConfig, StageConfig
+from shardkit.inputs import MissingInput
 from shardkit.runner import StageError
 from shardkit.shards import StageOutput
 from training import checkpoint, start
@@ -34,7 +35,8 @@ from training.conditioning import CONDITIONINGS, Conditioning
 from training.data import FeatureReader, Position
 from training.diffusion import Diffusion
 from training.architectures import DIT_NUM_CLASSES
-from training.features import NULL_CAPTION, from_stored, load_text_encoder, npy_array, stage_name
+from training.features import NULL_CAPTION, from_stored, load_text_encoder, npy_array, require_encoders, stage_name
+from training.features import resolved as resolved_features  # `classes: folders` made concrete
 from training.layout import SYNCED, RunLayout, run_layout
 
 log = logging.getLogger(__name__)
@@ -488,8 +490,9 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
     if stage not in config.training.stages:
         raise TrainingError(f"training.stages: no stage {stage!r}; defined: {', '.join(config.training.stages) or 'none'}")
     cfg = config.training.stages[stage]
-    features_cfg = config.training.features[cfg.features]
+    features_cfg = resolved_features(config, cfg.features)
     init = _resolve_init(config, stage)
+    require_encoders(config, features_cfg)  # the trainer reads both; before days of features
     features = pipeline.ensure(config, features_cfg.dataset, stage_name(cfg.features))
     vae_cfg = config.training.vaes[features_cfg.vae]
     text_cfg = config.training.text_encoders[features_cfg.text_encoder] if cfg.conditioning == "text" else None
@@ -547,6 +550,7 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
     from ray.train.torch import TorchTrainer, TorchConfig
 
     cluster.connect(config.cluster)
+    cluster.require_gpus(config.cluster, f"training.stages.{stage}", cfg.gpus_per_worker, "gpus_per_worker", cfg.workers)
     trainer = TorchTrainer(
         ray_worker_loop, train_loop_config={"ctx": ctx},
         torch_config=TorchConfig(backend="nccl" if cfg.gpus_per_worker > 0 else "gloo"),
@@ -589,7 +593,10 @@ def _resolve_init(config: PipelinesConfig, stage: str) -> str | None:
     cfg = config.training.stages[stage]
     if cfg.init_stage is None:
         if cfg.init and not storage.exists(cfg.init):
-            raise TrainingError(f"training.stages.{stage}.init: {cfg.init} does not exist")
+            raise MissingInput(f"training.stages.{stage}.init", f"the starting model {cfg.init} does not exist",
+                               "put a diffusers PixArt or DiT folder there (DiT-XL/2's ImageNet weights: "
+                               f"`huggingface-cli download facebook/DiT-XL-2-256 --local-dir {cfg.init}` where the hub "
+                               f"is reachable), or one of our checkpoints, or set training.stages.{stage}.init")
         return cfg.init
     export = run_layout(config, cfg.init_stage).export
     if not exported(export):

@@ -22,6 +22,7 @@ import stat
 
 from curation.fetch import Candidate, FetchStage, ShardBuilder
 from shardkit import storage
+from shardkit.inputs import IMAGE_FOLDER_FROM, MissingInput, require_path
 from shardkit.runner import ShardTask
 from shardkit.shards import REQUIRED_META, make_key
 
@@ -99,7 +100,9 @@ class FolderStage(FetchStage):
     def slices(self) -> list[list[str]]:
         fs, root = storage.filesystem(self.cfg.path)
         if not fs.isdir(root):
-            raise FileNotFoundError(f"folder source {self.cfg.path} does not exist")
+            require_path(f"datasets.{self.dataset}.path", self.cfg.path, "the image folder", IMAGE_FOLDER_FROM)
+            raise MissingInput(f"datasets.{self.dataset}.path", f"{self.cfg.path} is not a folder",
+                               f"set datasets.{self.dataset}.path to the folder the images are in")
         if storage.is_local(self.cfg.path):
             found = _list_local(root, self.cfg.recursive)
         else:

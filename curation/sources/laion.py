@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from curation.fetch import Candidate, FetchStage, ShardBuilder
 from curation.urls import FetchLimits, PrivateAllowlist, check_url, guarded_urlopen
 from shardkit import storage
+from shardkit.inputs import MissingInput
 from shardkit.runner import ShardTask
 from shardkit.shards import make_key
 
@@ -106,7 +107,11 @@ class LaionStage(FetchStage):
             fs, path = storage.filesystem(uri)
             files = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
             if not files:
-                raise FileNotFoundError(f"no parquet file matches {uri}")
+                raise MissingInput(
+                    f"datasets.{self.dataset}.parquet", f"no parquet file matches {uri}",
+                    "get LAION-style metadata parquet files (a URL and a TEXT column per image; e.g. "
+                    "laion/relaion2B-en-research-safe on the Hugging Face hub, or your own img2dataset input) "
+                    f"and put them there, or set datasets.{self.dataset}.parquet to their paths, a glob or URIs")
             for file_path in files:
                 with fs.open(file_path, "rb") as f:
                     rows = pq.ParquetFile(f).metadata.num_rows

@@ -26,13 +26,18 @@ from curation.fetch import Candidate, FetchStage, ShardBuilder
 from curation.urls import (REASON_TOO_LARGE, DownloadLimitError, FetchLimits, PrivateAllowlist,
                            UnsafeURLError, build_guarded_opener, check_url)
 from shardkit import storage
-from shardkit.runner import ShardTask
+from shardkit.inputs import MissingInput, require_path
+from shardkit.runner import ShardTask, StageError
 from shardkit.shards import make_key
 
 log = logging.getLogger(__name__)
 
 LINKS_HEADER = ("file_name", "cdn_link")
 CHUNK = 1 << 20
+
+
+SA1B_LINKS_FROM = ("get it from https://ai.meta.com/datasets/segment-anything-downloads/ (accept the SA-1B licence, "
+                   "then download the links file, a tab-separated file_name and cdn_link per tar) and put it there")
 
 
 def read_links(uri: str) -> list[tuple[str, str]]:
@@ -88,11 +93,19 @@ class SamStage(FetchStage):
         self.download_dir = cfg.download_dir or download_dir
 
     def slices(self) -> list[tuple[str, str]]:
+        key = f"datasets.{self.dataset}"
         if self.cfg.links:
-            return read_links(self.cfg.links)
+            require_path(f"{key}.links", self.cfg.links, "SA-1B's links file", SA1B_LINKS_FROM)
+            try:
+                return read_links(self.cfg.links)
+            except ValueError as exc:
+                raise StageError(f"{key}.links: {exc}") from None
         names = [n for n in storage.list_names(self.cfg.tars) if n.endswith(".tar")]
         if not names:
-            raise FileNotFoundError(f"no .tar files in {self.cfg.tars}")
+            raise MissingInput(f"{key}.tars", f"no .tar files in {self.cfg.tars}",
+                               "download SA-1B's tars there (its links file, from "
+                               "https://ai.meta.com/datasets/segment-anything-downloads/, lists them), "
+                               f"or set {key}.links to the links file and they are downloaded")
         return [(n, storage.join(self.cfg.tars, n)) for n in names]
 
     def collect(self, task: ShardTask, builder: ShardBuilder) -> None:

@@ -80,6 +80,10 @@ class PipelinesConfig(Strict):
                                      ("vae", f.vae, t.vaes)):
                 if ref is not None and ref not in known:
                     raise ValueError(f"training.features.{name}.{kind}: no {kind} {ref!r}; defined: {', '.join(known) or 'none'}")
+            if f.label is not None and f.label.classes == "folders" and (
+                    f.label.field != "folder" or not isinstance(self.datasets.get(f.dataset), FolderSource)):
+                raise ValueError(f"training.features.{name}.label: classes: folders needs field: folder and a "
+                                 f"folder dataset; {f.dataset} is a {getattr(self.datasets.get(f.dataset), 'source', '?')} source")
             if f.caption not in (None, "txt") and f.caption not in self.captioners:
                 raise ValueError(f"training.features.{name}.caption: {f.caption!r} is neither 'txt' nor a captioner")
             if f.scores is not None:

@@ -37,13 +37,15 @@ class LabelConfig(Strict):
     field: str
     """Dotted path into each sample's json: `scene.objects.0.kind` (the synthetic scenes'
     object), `folder` (the folder source's sub-folder), or any metadata key."""
-    classes: list[str] = Field(min_length=1)
-    """Class names in index order: the model's class ids, and DiTPipeline's id2label."""
+    classes: list[str] | Literal["folders"] = Field(min_length=1)
+    """Class names in index order: the model's class ids, and DiTPipeline's id2label. Or
+    `folders`: the sorted names of a folder dataset's sub-folders, read when features are
+    made (with `field: folder`; ImageNet's train layout gives DiT-XL/2's 1000 ids)."""
 
     @field_validator("classes")
     @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
+    def _unique(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and len(set(value)) != len(value):
             raise ValueError("class names must be unique")
         return value
 
