@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import huggingface_hub.constants
 import pytest
 
 from shardkit import cluster
@@ -100,7 +101,8 @@ def test_a_hub_model_in_the_local_cache_is_found_offline(tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    # huggingface_hub reads HF_HUB_CACHE when first imported; this process imported it long ago
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     require_model("captioners.x.model", "org/model")
     with pytest.raises(MissingInput, match="captioners.x.model: the hub model org/other cannot be loaded here"):
         require_model("captioners.x.model", "org/other")

@@ -492,7 +492,7 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
     cfg = config.training.stages[stage]
     features_cfg = resolved_features(config, cfg.features)
     init = _resolve_init(config, stage)
-    require_encoders(config, features_cfg)  # the trainer reads both; before days of features
+    # (missing features check the encoders themselves before their own inputs are made)
     features = pipeline.ensure(config, features_cfg.dataset, stage_name(cfg.features))
     vae_cfg = config.training.vaes[features_cfg.vae]
     text_cfg = config.training.text_encoders[features_cfg.text_encoder] if cfg.conditioning == "text" else None
@@ -507,6 +507,7 @@ def train(config: PipelinesConfig, stage: str, restart: bool = False) -> dict[st
     if found and found[0] >= cfg.steps and exported(layout.export):
         log.info("%s: already trained to step %d and exported to %s", stage, found[0], layout.export)
         return _summary(stage, cfg, layout, found, seconds=0.0)
+    require_encoders(config, features_cfg)  # the trainer reads both (the VAE's config, T5's)
     # imported only now: seconds of start-up that a stage found trained and exported skips
     from diffusers import AutoencoderKL
     from transformers import T5Config
